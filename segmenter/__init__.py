@@ -1,0 +1,27 @@
+"""PnP-OVSS segmenter core: BLIP cross-attention GradCAM, Salience Dropout, post-processing.
+
+    from segmenter import Segmenter, SegmenterConfig
+    result = Segmenter(SegmenterConfig(model="path/or/hub-id")).segment(image, ["cat", "dog"])
+"""
+
+from .backends import Backend, Prompt, build_prompt, load_backend, register_backend
+from .config import SegmenterConfig
+from .images import as_rgb_uint8, read_image
+from .pipeline import SegmentationResult, Segmenter, postprocess, salience_dropout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "Prompt",
+    "SegmentationResult",
+    "Segmenter",
+    "SegmenterConfig",
+    "as_rgb_uint8",
+    "build_prompt",
+    "load_backend",
+    "postprocess",
+    "read_image",
+    "register_backend",
+    "salience_dropout",
+]

@@ -1,0 +1,96 @@
+"""The `Backend` seam: one vision-language model with text-to-image cross-attention and an ITM head."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One caption listing an image's candidate classes, with each class's character span."""
+
+    text: str
+    class_names: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]  # [start, end) of each class name in `text`
+
+
+def build_prompt(prefix: str, class_names: Sequence[str]) -> Prompt:
+    """ALGORITHM.md step 2: `prefix + " ".join(names)`, remembering where each name sits."""
+    names = tuple(str(n).strip() for n in class_names)
+    if not names:
+        raise ValueError("the class list is empty: give at least one class name to segment")
+    empty = [i for i, n in enumerate(names) if not n]
+    if empty:
+        raise ValueError(f"class name #{empty[0] + 1} is empty: remove it from the class list")
+    text, spans = prefix, []
+    for i, name in enumerate(names):
+        if i:
+            text += " "
+        spans.append((len(text), len(text) + len(name)))
+        text += name
+    return Prompt(text=text, class_names=names, spans=tuple(spans))
+
+
+class Backend(abc.ABC):
+    """Wraps one VLM and turns a batch of images + prompts into GradCAM maps.
+
+    Subclasses load with `from_pretrained(id_or_path)`; they never compute parameter gradients.
+    """
+
+    name: str = "base"
+    #: model id or path and revision, recorded in studies and used in cache keys
+    model_id: str
+    revision: str | None
+    device: torch.device
+
+    @property
+    @abc.abstractmethod
+    def num_layers(self) -> int:
+        """Number of text layers with cross-attention (valid `layer` values are 1..num_layers)."""
+
+    @property
+    @abc.abstractmethod
+    def num_heads(self) -> int:
+        """Cross-attention heads per layer (valid head indices are 0..num_heads-1)."""
+
+    @abc.abstractmethod
+    def patch_grid(self, image_size: int) -> tuple[int, int]:
+        """The (gh, gw) patch grid for square inputs of `image_size` pixels."""
+
+    @abc.abstractmethod
+    def prepare_images(self, images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
+        """Resize and normalise HxWx3 uint8 images into model input. # [B, 3, S, S]"""
+
+    @abc.abstractmethod
+    def gradcam(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: Sequence[Prompt],
+        layers: Sequence[int],
+        dropped: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """One round of ALGORITHM.md step 3 for a batch.
+
+        `layers` are 1-based; `dropped` is a bool mask [B, gh*gw] of patches zeroed in the input.
+        Returns per image a float32 tensor [len(layers), heads, classes, gh, gw] of
+        attention x clamp(dScore/dAttention, min=0), [CLS] key dropped, word pieces averaged.
+        """
+
+    def check_layer_heads(self, layer: int, heads: Sequence[int]) -> None:
+        """Raise a ValueError naming the valid range when `layer` or a head does not exist."""
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(
+                f"layer {layer} does not exist in {self.model_id}: valid layers are "
+                f"1..{self.num_layers} (1-based)"
+            )
+        bad = [h for h in heads if not 0 <= h < self.num_heads]
+        if bad:
+            raise ValueError(
+                f"head {bad[0]} does not exist in {self.model_id}: valid heads are "
+                f"0..{self.num_heads - 1} (0-based)"
+            )

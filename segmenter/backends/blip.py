@@ -1,0 +1,193 @@
+"""`BlipBackend`: PnP-OVSS maps from transformers' `BlipForImageTextRetrieval` (ALGORITHM.md 1, 3).
+
+The performance design of DESIGN.md lives here: the vision encoder runs under `no_grad`; its
+output is the only tensor that requires grad, so autograd records the text encoder alone; the
+gradient of the ITM match logit is asked for the captured cross-attention probabilities only
+(`torch.autograd.grad`), so no parameter gradient is ever computed and the backward pass stops at
+the earliest requested layer. All heads of a layer come out of the same pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._base import Backend, Prompt
+
+ITM_MATCH = 1  # index of the "match" logit of the ITM head
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` or "auto" picks CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
+    return device
+
+
+def load_error(kind: str, model: str, err: Exception) -> OSError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OSError(
+        f"could not load the {kind} from {model!r} ({first}); give a local directory written by "
+        "save_pretrained or a Hugging Face hub id (downloads need network access)"
+    )
+
+
+class BlipBackend(Backend):
+    """BLIP image-text matching: BERT-style text encoder with cross-attention over ViT patches."""
+
+    name = "blip"
+
+    def __init__(
+        self,
+        model: str = "Salesforce/blip-itm-large-flickr",
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+        self.model_id, self.revision = str(model), revision
+        self.device, self.dtype = resolve_device(device), dtype
+        try:
+            net = BlipForImageTextRetrieval.from_pretrained(self.model_id, revision=revision)
+        except (OSError, ValueError) as err:
+            raise load_error("BLIP ITM model", self.model_id, err) from None
+        try:
+            processor = AutoProcessor.from_pretrained(self.model_id, revision=revision)
+        except (OSError, ValueError) as err:
+            raise load_error("BLIP processor", self.model_id, err) from None
+        net.requires_grad_(False)
+        self.model = net.eval().to(self.device, dtype)
+        self.tokenizer = processor.tokenizer
+        image_processor = processor.image_processor
+        self._mean = torch.tensor(image_processor.image_mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(image_processor.image_std, device=self.device).view(1, 3, 1, 1)
+        vision = self.model.config.vision_config
+        self._patch, self._native_size = int(vision.patch_size), int(vision.image_size)
+        self._layers = self.model.text_encoder.encoder.layer
+        self.forward_calls = 0  # text-encoder passes run; the tuner counts them
+
+    # -- facts about the model -------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self._layers[0].crossattention.self.num_attention_heads)
+
+    def patch_grid(self, image_size: int) -> tuple[int, int]:
+        if image_size % self._patch:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of the patch size {self._patch} of "
+                f"{self.model_id}: use e.g. {image_size // self._patch * self._patch or self._patch}"
+            )
+        side = image_size // self._patch
+        return side, side
+
+    # -- step 1: input ---------------------------------------------------------------------------
+    def prepare_images(self, images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
+        """Bicubic resize (antialiased) to image_size^2 and the processor's mean/std."""
+        self.patch_grid(image_size)
+        batch = []
+        for image in images:
+            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            x = x.permute(2, 0, 1)[None].float() / 255.0  # [1, 3, H, W]
+            x = F.interpolate(x, size=(image_size, image_size), mode="bicubic",
+                              align_corners=False, antialias=True).clamp_(0.0, 1.0)
+            batch.append(x)
+        pixels = (torch.cat(batch) - self._mean) / self._std  # [B, 3, S, S]
+        return pixels.to(self.dtype)
+
+    # -- step 3: GradCAM ---------------------------------------------------------------------------
+    def gradcam(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: Sequence[Prompt],
+        layers: Sequence[int],
+        dropped: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        batch, _, size, _ = pixel_values.shape
+        gh, gw = self.patch_grid(size)
+        for layer in layers:
+            self.check_layer_heads(layer, [])
+        if len(prompts) != batch:
+            raise ValueError(f"{batch} images but {len(prompts)} prompts: give one per image")
+        if dropped is not None:  # Salience Dropout: zero the dropped 16x16 blocks of the input
+            keep = (~dropped.to(self.device)).view(batch, 1, gh, gw).to(pixel_values.dtype)
+            keep = keep.repeat_interleave(self._patch, 2).repeat_interleave(self._patch, 3)
+            pixel_values = pixel_values * keep
+        with torch.no_grad():
+            image_embeds = self.model.vision_model(
+                pixel_values=pixel_values.to(self.device, self.dtype),
+                interpolate_pos_encoding=size != self._native_size,
+            ).last_hidden_state  # [B, 1 + gh*gw, D]
+        image_embeds = image_embeds.detach().requires_grad_(True)
+        tokens, class_weights = self._tokenize(prompts)  # class_weights: [B, C_max, T]
+
+        captured: dict[int, torch.Tensor] = {}
+        hooks = []
+        for layer in layers:
+            def keep_probs(_module, _inputs, output, layer=layer):
+                captured[layer] = output[1]  # attention probabilities [B, heads, T, 1 + gh*gw]
+            hooks.append(self._layers[layer - 1].crossattention.self.register_forward_hook(keep_probs))
+        try:
+            with torch.enable_grad():
+                text = self.model.text_encoder(
+                    input_ids=tokens["input_ids"],
+                    attention_mask=tokens["attention_mask"],
+                    encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=torch.ones(
+                        image_embeds.shape[:-1], dtype=torch.long, device=self.device
+                    ),
+                )
+                score = self.model.itm_head(text.last_hidden_state[:, 0, :])[:, ITM_MATCH]  # [B]
+                probs = [captured[layer] for layer in layers]
+                grads = torch.autograd.grad(score.sum(), probs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.forward_calls += 1
+
+        cam = torch.stack([a.detach() * g.clamp(min=0) for a, g in zip(probs, grads)], dim=1)
+        cam = cam[..., 1:].float()  # [B, L, heads, T, gh*gw], image [CLS] key dropped
+        maps = torch.einsum("bct,blhtn->blhcn", class_weights, cam)  # [B, L, heads, C_max, N]
+        return [
+            maps[b, :, :, : len(p.class_names)].reshape(len(layers), -1, len(p.class_names), gh, gw)
+            for b, p in enumerate(prompts)
+        ]
+
+    def _tokenize(self, prompts: Sequence[Prompt]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Token ids for the captions and a [B, C_max, T] matrix averaging each class's pieces."""
+        enc = self.tokenizer(
+            [p.text for p in prompts], padding=True, return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+        limit = getattr(self.tokenizer, "model_max_length", None) or 512
+        length = enc["input_ids"].shape[1]
+        max_pos = self.model.config.text_config.max_position_embeddings
+        if length > min(limit, max_pos):
+            raise ValueError(
+                f"the prompt has {length} tokens, more than the model's {min(limit, max_pos)}: "
+                "list fewer candidate classes per image"
+            )
+        offsets = enc.pop("offset_mapping")  # [B, T, 2], (0, 0) for special tokens
+        weights = torch.zeros(len(prompts), max(len(p.class_names) for p in prompts), length)
+        for b, prompt in enumerate(prompts):
+            start, end = offsets[b, :, 0], offsets[b, :, 1]
+            real = (end > start) & enc["attention_mask"][b].bool()
+            for c, (s, e) in enumerate(prompt.spans):
+                inside = real & (start >= s) & (end <= e)
+                if not inside.any():
+                    raise ValueError(
+                        f"class name {prompt.class_names[c]!r} produced no tokens: rename it"
+                    )
+                weights[b, c, inside] = 1.0 / inside.sum()
+        tokens = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
+        return tokens, weights.to(self.device)

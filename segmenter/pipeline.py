@@ -1,0 +1,208 @@
+"""PnP-OVSS, top to bottom in the order of ALGORITHM.md's numbered steps.
+
+1-3  the backend (BLIP ITM) turns an image and a prompt listing its classes into GradCAM maps
+4    `salience_dropout` runs rounds of that, dropping the most salient patches between rounds
+5-10 `postprocess`: threshold, upsample, background, blur, dense CRF, argmax
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from .backends import Backend, Prompt, build_prompt, load_backend
+from .config import SegmenterConfig
+from .images import as_rgb_uint8
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """What `Segmenter.segment` returns for one image."""
+
+    label_map: np.ndarray  # [H, W] int64: 0 = background, i = class_names[i - 1]
+    maps: np.ndarray  # [classes, gh, gw] float32 relevance, before thresholding
+    class_names: tuple[str, ...]
+
+
+# --- step 4: Salience Dropout ----------------------------------------------------------------------
+def select_patches(salience: torch.Tensor, dropped: torch.Tensor, schedule: str, k: int) -> torch.Tensor:
+    """The patches to drop after a round: the most salient ones not dropped yet.
+
+    `salience` [N] is the sum of the round's class maps; `dropped` [N] bool. Schedule `topk` takes
+    `k` patches, `halving` half of those still in place. Returns a bool mask [N] of new drops.
+    """
+    available = int((~dropped).sum())
+    count = min(k, available) if schedule == "topk" else available // 2
+    new = torch.zeros_like(dropped)
+    if count > 0:
+        scores = salience.float().masked_fill(dropped, float("-inf"))
+        new[torch.topk(scores, count).indices] = True
+    return new
+
+
+def salience_dropout(
+    backend: Backend, pixels: torch.Tensor, prompts: Sequence[Prompt], config: SegmenterConfig
+) -> list[torch.Tensor]:
+    """Steps 3-4 for a batch: per image the summed class maps of all rounds. # [C, gh, gw]"""
+    batch, n_heads = len(prompts), list(config.heads)
+    gh, gw = backend.patch_grid(pixels.shape[-1])
+    dropped = torch.zeros(batch, gh * gw, dtype=torch.bool, device=pixels.device)
+    totals = [torch.zeros(len(p.class_names), gh, gw, device=pixels.device) for p in prompts]
+    for round_index in range(config.dropout_rounds):
+        cams = backend.gradcam(pixels, prompts, [config.layer], dropped if round_index else None)
+        weight = 2.0 if round_index == 0 and config.dropout_count_first_twice else 1.0
+        for b in range(batch):
+            maps = cams[b][0, n_heads].mean(0)  # [C, gh, gw], heads averaged
+            maps = maps.masked_fill(dropped[b].view(gh, gw), 0.0)
+            totals[b] += weight * maps
+            if round_index < config.dropout_rounds - 1:
+                salience = maps.sum(0).flatten()  # [gh*gw]
+                dropped[b] |= select_patches(
+                    salience, dropped[b], config.dropout_schedule, config.dropout_k
+                )
+    return totals
+
+
+# --- steps 5-10: post-processing ---------------------------------------------------------------------
+def threshold_maps(maps: np.ndarray, threshold: float) -> np.ndarray:
+    """Step 5: min-max normalise each class map to [0, 1], zero values below `threshold`."""
+    lo = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - lo
+    norm = np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1.0), 0.0)
+    return np.where(norm >= threshold, norm, 0.0).astype(np.float32)
+
+
+def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Step 6: bilinear upsampling of [C, gh, gw] maps to the image's [C, H, W]."""
+    x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].numpy()
+
+
+def add_background(maps: np.ndarray, rule: str, min_classes: int) -> tuple[np.ndarray, bool]:
+    """Step 7: prepend a channel equal to 1 where no class survives (per the background rule).
+
+    `auto` adds it only when the image has fewer than `min_classes` candidate classes.
+    """
+    if rule == "never" or (rule == "auto" and maps.shape[0] >= min_classes):
+        return maps, False
+    background = (maps.max(axis=0, keepdims=True) <= 0).astype(np.float32)
+    return np.concatenate([background, maps]), True
+
+
+def gaussian_blur(channels: np.ndarray, sigma_factor: float) -> np.ndarray:
+    """Step 8: blur every channel with sigma = factor x max(H, W), then min-max per channel."""
+    if sigma_factor > 0:
+        sigma = sigma_factor * max(channels.shape[1:])
+        channels = gaussian_filter(channels, sigma=(0, sigma, sigma), mode="nearest")
+    lo = channels.min(axis=(1, 2), keepdims=True)
+    span = channels.max(axis=(1, 2), keepdims=True) - lo
+    # a constant channel (all background, say) keeps its value instead of collapsing to 0
+    return np.where(span > 1e-12, (channels - lo) / np.where(span > 1e-12, span, 1.0),
+                    np.clip(channels, 0.0, 1.0)).astype(np.float32)
+
+
+def softmax(channels: np.ndarray) -> np.ndarray:
+    shifted = np.exp(channels - channels.max(axis=0, keepdims=True))
+    return (shifted / shifted.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, config: SegmenterConfig) -> np.ndarray:
+    """Step 9: fully connected CRF (pydensecrf) on softmax probabilities [C, H, W]."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    n, h, w = probs.shape
+    crf = dcrf.DenseCRF2D(w, h, n)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=config.crf_gaussian_sxy, compat=config.crf_gaussian_compat)
+    crf.addPairwiseBilateral(
+        sxy=config.crf_bilateral_sxy, srgb=config.crf_bilateral_srgb,
+        rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=config.crf_bilateral_compat,
+    )
+    return np.asarray(crf.inference(config.crf_iterations), dtype=np.float32).reshape(n, h, w)
+
+
+def postprocess(image: np.ndarray, maps: np.ndarray, config: SegmenterConfig) -> np.ndarray:
+    """Steps 5-10 for one image: relevance maps [C, gh, gw] -> label map [H, W]."""
+    height, width = image.shape[:2]
+    channels = upsample(threshold_maps(maps, config.threshold), (height, width))  # [C, H, W]
+    channels, has_background = add_background(
+        channels, config.background, config.background_min_classes
+    )
+    channels = gaussian_blur(channels, config.blur_sigma)
+    probs = softmax(channels)
+    if config.crf and probs.shape[0] > 1:
+        probs = dense_crf(image, probs, config)
+    labels = probs.argmax(axis=0).astype(np.int64)  # step 10
+    return labels if has_background else labels + 1
+
+
+# --- the public segmenter ---------------------------------------------------------------------------
+class Segmenter:
+    """PnP-OVSS with one `SegmenterConfig`: `Segmenter(config).segment(image, class_names)`."""
+
+    def __init__(
+        self,
+        config: SegmenterConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        backend: Backend | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        self.config = config or SegmenterConfig()
+        self.backend = backend or load_backend(
+            self.config.backend, self.config.model, self.config.revision, device=device
+        )
+        self.backend.check_layer_heads(self.config.layer, self.config.heads)
+        self.backend.patch_grid(self.config.image_size)
+        self.batch_size = max(1, int(batch_size))
+
+    @classmethod
+    def from_config(cls, path: str | Path, **kwargs) -> Segmenter:
+        """A segmenter for a YAML config file (as written by `tune export`)."""
+        return cls(SegmenterConfig.from_yaml(Path(path)), **kwargs)
+
+    def relevance_maps(
+        self, images: Sequence[np.ndarray], class_lists: Sequence[Sequence[str]]
+    ) -> list[np.ndarray]:
+        """Steps 1-4: per image the class relevance maps on the patch grid. # [C, gh, gw]"""
+        if len(images) != len(class_lists):
+            raise ValueError(f"{len(images)} images but {len(class_lists)} class lists")
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = [as_rgb_uint8(im) for im in images[start : start + self.batch_size]]
+            prompts = [
+                build_prompt(self.config.prompt_prefix, names)
+                for names in class_lists[start : start + self.batch_size]
+            ]
+            pixels = self.backend.prepare_images(chunk, self.config.image_size)
+            maps = salience_dropout(self.backend, pixels, prompts, self.config)
+            out.extend(m.float().cpu().numpy() for m in maps)
+        return out
+
+    def segment_batch(
+        self, images: Sequence, class_lists: Sequence[Sequence[str]]
+    ) -> list[SegmentationResult]:
+        """Segment several images, each with its own class list (batched through the model)."""
+        arrays = [as_rgb_uint8(im) for im in images]
+        maps = self.relevance_maps(arrays, class_lists)
+        return [
+            SegmentationResult(postprocess(image, m, self.config), m, tuple(build_prompt(
+                self.config.prompt_prefix, names).class_names))
+            for image, m, names in zip(arrays, maps, class_lists)
+        ]
+
+    def segment(self, image, class_names: Sequence[str]) -> SegmentationResult:
+        """Label every pixel of `image` (HxWx3 uint8 array or PIL image) with one of `class_names`.
+
+        `label_map` holds 0 for background and i for `class_names[i - 1]`.
+        """
+        if isinstance(class_names, str):
+            class_names = [n for n in class_names.split(",")]
+        return self.segment_batch([image], [list(class_names)])[0]

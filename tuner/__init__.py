@@ -1,0 +1,1 @@
+"""Optuna studies over the PnP-OVSS segmenter, maximising annotation-free objectives."""
