@@ -5,6 +5,8 @@
 """
 
 from .backends import Backend, Prompt, build_prompt, load_backend, register_backend
+from .candidates import candidate_indices, candidate_label_use, select_candidates
+from .clip import ClipScorer
 from .config import SegmenterConfig
 from .images import as_rgb_uint8, read_image
 from .pipeline import SegmentationResult, Segmenter, postprocess, salience_dropout
@@ -13,15 +15,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "ClipScorer",
     "Prompt",
     "SegmentationResult",
     "Segmenter",
     "SegmenterConfig",
     "as_rgb_uint8",
     "build_prompt",
+    "candidate_indices",
+    "candidate_label_use",
     "load_backend",
     "postprocess",
     "read_image",
     "register_backend",
     "salience_dropout",
+    "select_candidates",
 ]

@@ -2,6 +2,7 @@
 
 1-3  the backend (BLIP ITM) turns an image and a prompt listing its classes into GradCAM maps
 4    `salience_dropout` runs rounds of that, dropping the most salient patches between rounds
+     (before 1-4, `candidates.py` picks which of the caller's class names the prompt lists)
 5-10 `postprocess`: threshold, upsample, background, blur, dense CRF, argmax
 """
 
@@ -17,17 +18,29 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from .backends import Backend, Prompt, build_prompt, load_backend
+from .candidates import candidate_indices
+from .clip import ClipScorer
 from .config import SegmenterConfig
 from .images import as_rgb_uint8
 
 
 @dataclass(frozen=True)
 class SegmentationResult:
-    """What `Segmenter.segment` returns for one image."""
+    """What `Segmenter.segment` returns for one image.
+
+    `class_names` is the caller's class list; `candidates` the names the prompt listed (all of
+    them under the candidate rule `all`). Classes that were not candidates have zero maps and
+    never appear in `label_map`.
+    """
 
     label_map: np.ndarray  # [H, W] int64: 0 = background, i = class_names[i - 1]
     maps: np.ndarray  # [classes, gh, gw] float32 relevance, before thresholding
     class_names: tuple[str, ...]
+    candidates: tuple[str, ...] | None = None  # None: every class of class_names
+
+    def __post_init__(self) -> None:
+        if self.candidates is None:
+            object.__setattr__(self, "candidates", tuple(self.class_names))
 
 
 # --- step 4: Salience Dropout ----------------------------------------------------------------------
@@ -154,6 +167,7 @@ class Segmenter:
         device: str | torch.device | None = None,
         backend: Backend | None = None,
         batch_size: int = 8,
+        clip: ClipScorer | None = None,
     ) -> None:
         self.config = config or SegmenterConfig()
         self.backend = backend or load_backend(
@@ -162,6 +176,7 @@ class Segmenter:
         self.backend.check_layer_heads(self.config.layer, self.config.heads)
         self.backend.patch_grid(self.config.image_size)
         self.batch_size = max(1, int(batch_size))
+        self._clip = clip
 
     @classmethod
     def from_config(cls, path: str | Path, **kwargs) -> Segmenter:
@@ -186,23 +201,86 @@ class Segmenter:
             out.extend(m.float().cpu().numpy() for m in maps)
         return out
 
-    def segment_batch(
-        self, images: Sequence, class_lists: Sequence[Sequence[str]]
-    ) -> list[SegmentationResult]:
-        """Segment several images, each with its own class list (batched through the model)."""
-        arrays = [as_rgb_uint8(im) for im in images]
-        maps = self.relevance_maps(arrays, class_lists)
-        return [
-            SegmentationResult(postprocess(image, m, self.config), m, tuple(build_prompt(
-                self.config.prompt_prefix, names).class_names))
-            for image, m, names in zip(arrays, maps, class_lists)
-        ]
+    @property
+    def clip(self) -> ClipScorer:
+        """The CLIP model of the `clip_topk` candidate rule, loaded on first use."""
+        if self._clip is None:
+            self._clip = ClipScorer(self.config.candidates_model, device=self.backend.device)
+        return self._clip
 
-    def segment(self, image, class_names: Sequence[str]) -> SegmentationResult:
+    def candidate_indices(
+        self,
+        images: Sequence[np.ndarray],
+        class_lists: Sequence[Sequence[str]],
+        image_classes: Sequence[Sequence[str] | None] | None = None,
+    ) -> list[list[int]]:
+        """Per image the indices of its class list that the prompt will name (config.candidates)."""
+        rule = self.config.candidates
+        return candidate_indices(
+            rule, images, class_lists, image_classes=image_classes, backend=self.backend,
+            clip=self.clip if rule == "clip_topk" else None, topk=self.config.candidates_topk,
+            threshold=self.config.candidates_threshold, prompt_prefix=self.config.prompt_prefix,
+            image_size=self.config.image_size,
+        )
+
+    def segment_batch(
+        self,
+        images: Sequence,
+        class_lists: Sequence[Sequence[str]],
+        image_classes: Sequence[Sequence[str] | None] | None = None,
+    ) -> list[SegmentationResult]:
+        """Segment several images, each with its own class list (batched through the model).
+
+        Under a candidate rule other than `all`, each class list is the vocabulary the rule
+        chooses from; `image_classes` (ground-truth image-level labels) only serves `oracle`.
+        """
+        if len(images) != len(class_lists):
+            raise ValueError(f"{len(images)} images but {len(class_lists)} class lists")
+        if image_classes is not None and len(image_classes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(image_classes)} image_classes lists")
+        results: list[SegmentationResult] = []
+        for start in range(0, len(images), self.batch_size):
+            stop = start + self.batch_size
+            arrays = [as_rgb_uint8(im) for im in images[start:stop]]
+            names = [build_prompt(self.config.prompt_prefix, c).class_names for c in class_lists[start:stop]]
+            chosen = self.candidate_indices(
+                arrays, names, None if image_classes is None else image_classes[start:stop]
+            )
+            todo = [b for b, idx in enumerate(chosen) if idx]  # oracle may leave an image with none
+            maps = dict(zip(todo, self.relevance_maps(
+                [arrays[b] for b in todo], [[names[b][i] for i in chosen[b]] for b in todo]
+            )))
+            for b, (image, idx) in enumerate(zip(arrays, chosen)):
+                results.append(self._result(image, names[b], idx, maps.get(b)))
+        return results
+
+    def _result(
+        self, image: np.ndarray, names: tuple[str, ...], chosen: list[int], maps: np.ndarray | None
+    ) -> SegmentationResult:
+        """Post-process the candidates' maps; index label map and maps by the full class list."""
+        candidates = tuple(names[i] for i in chosen)
+        if maps is None:  # no candidate: everything is background
+            grid = self.backend.patch_grid(self.config.image_size)
+            return SegmentationResult(np.zeros(image.shape[:2], dtype=np.int64),
+                                      np.zeros((len(names), *grid), dtype=np.float32), names, ())
+        labels = postprocess(image, maps, self.config)  # [H, W]: 0 = bg, j = candidates[j - 1]
+        if len(chosen) == len(names):
+            return SegmentationResult(labels, maps, names, candidates)
+        to_class = np.array([0, *(i + 1 for i in chosen)], dtype=np.int64)
+        full = np.zeros((len(names), *maps.shape[1:]), dtype=np.float32)  # [classes, gh, gw]
+        full[chosen] = maps
+        return SegmentationResult(to_class[labels], full, names, candidates)
+
+    def segment(
+        self, image, class_names: Sequence[str], image_classes: Sequence[str] | None = None
+    ) -> SegmentationResult:
         """Label every pixel of `image` (HxWx3 uint8 array or PIL image) with one of `class_names`.
 
-        `label_map` holds 0 for background and i for `class_names[i - 1]`.
+        `label_map` holds 0 for background and i for `class_names[i - 1]`. `image_classes` are
+        the image's ground-truth class names, read only by the `oracle` candidate rule.
         """
         if isinstance(class_names, str):
             class_names = [n for n in class_names.split(",")]
-        return self.segment_batch([image], [list(class_names)])[0]
+        return self.segment_batch(
+            [image], [list(class_names)], None if image_classes is None else [list(image_classes)]
+        )[0]

@@ -66,3 +66,130 @@ def rng() -> np.random.Generator:
 def random_image(rng: np.random.Generator, height: int, width: int, channels: int = 3):
     shape = (height, width) if channels == 1 else (height, width, channels)
     return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+# --- tiny CLIP ---------------------------------------------------------------------------------------
+CLIP_WORDS = [
+    "red", "blue", "a", "picture", "of", "cat", "dog", "person", "sky", "grass", "square", "circle",
+]
+COLOUR_SHARPNESS = 0.05  # the colour CLIP's alpha: small = cosine similarities close together
+
+
+def clip_tokenizer(words=CLIP_WORDS):
+    """A byte-level BPE CLIPTokenizer: single letters plus merges that spell each of `words`."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = []
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        current = symbols[0]
+        for symbol in symbols[1:]:
+            if (current, symbol) not in merges:
+                merges.append((current, symbol))
+            current += symbol
+            vocab.setdefault(current, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def save_tiny_clip(path, *, colour=False, image_size=32, patch=8, seed=0) -> str:
+    """A tiny CLIPModel + CLIPProcessor saved with save_pretrained.
+
+    `colour=False`: random weights, CLIP's mean/std. `colour=True`: weights set by hand so that
+    an image embedding is the mean colour direction of its non-black patches and the names "red"
+    and "blue" embed to the red and blue directions (plus a shared offset that keeps cosine
+    similarities close, so probabilities at temperature 100 do not saturate); black patches
+    contribute nothing and the black image embeds to the shared offset alone (P uniform).
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer()
+    hidden = 8 if colour else 16
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=1 if colour else 2,
+            num_attention_heads=1 if colour else 2, intermediate_size=2 * hidden,
+            max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=hidden, num_hidden_layers=1 if colour else 2,
+            num_attention_heads=1 if colour else 2, intermediate_size=2 * hidden,
+            image_size=image_size, patch_size=patch,
+        ),
+        projection_dim=8,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    if colour:
+        _set_colour_weights(model, tokenizer, patch)
+    model.save_pretrained(path)
+    mean, std = ([0.0] * 3, [1.0] * 3) if colour else ([0.48, 0.46, 0.41], [0.27, 0.26, 0.28])
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            image_mean=mean, image_std=std,
+        ),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def _set_colour_weights(model, tokenizer, patch: int) -> None:
+    """Hidden dims 0-2 = +RGB, 3-5 = -RGB (zero mean, so LayerNorm keeps the direction), 6 = offset."""
+    eye = torch.eye(8)
+    red, blue = eye[0] - eye[3], eye[2] - eye[5]
+    scale = torch.full((8,), COLOUR_SHARPNESS)
+    with torch.no_grad():
+        for tower in (model.text_model, model.vision_model):
+            for layer in tower.encoder.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj):  # uniform attention
+                    proj.weight.zero_()
+                    proj.bias.zero_()
+                for proj in (attn.v_proj, attn.out_proj):  # tokens are averaged unchanged
+                    proj.weight.copy_(eye)
+                    proj.bias.zero_()
+                layer.mlp.fc2.weight.zero_()  # no MLP contribution
+                layer.mlp.fc2.bias.zero_()
+                for norm in (layer.layer_norm1, layer.layer_norm2):
+                    norm.weight.fill_(1.0)
+                    norm.bias.zero_()
+            tower.embeddings.position_embedding.weight.zero_()
+        text = model.text_model
+        text.embeddings.token_embedding.weight.zero_()
+        for word, direction in (("red", red), ("blue", blue)):
+            ids = tokenizer(word)["input_ids"]
+            assert len(ids) == 3, f"{word!r} must be one token"
+            text.embeddings.token_embedding.weight[ids[1]] = direction
+        vision = model.vision_model
+        vision.embeddings.class_embedding.zero_()
+        weight = torch.zeros(8, 3, patch, patch)  # per-patch mean of each channel, and its negative
+        for c in range(3):
+            weight[c, c] = 1.0 / patch**2
+            weight[c + 3, c] = -1.0 / patch**2
+        vision.embeddings.patch_embedding.weight.copy_(weight)
+        vision.pre_layrnorm.weight.fill_(1.0)
+        vision.pre_layrnorm.bias.zero_()
+        for norm in (text.final_layer_norm, vision.post_layernorm):
+            norm.weight.copy_(scale)
+            norm.bias.copy_(eye[6])
+        model.text_projection.weight.copy_(eye)
+        model.visual_projection.weight.copy_(eye)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """Path of a random tiny CLIP checkpoint: 32 px input, 8 px patches, 8-d embeddings."""
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def colour_clip(tmp_path_factory) -> str:
+    """Path of a hand-set tiny CLIP that sees colours: "red" and "blue" mean what they say."""
+    return save_tiny_clip(tmp_path_factory.mktemp("colour-clip"), colour=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._base import Backend, Prompt, build_prompt
+from ._base import Backend, Prompt, build_prompt, resolve_model_path
 
 # name -> "module:Class", imported only when asked for (a config file names its backend)
 BACKENDS: dict[str, str] = {"blip": "segmenter.backends.blip:BlipBackend"}
@@ -24,4 +24,7 @@ def load_backend(name: str, model: str, revision: str | None = None, **kwargs: A
     return getattr(importlib.import_module(module), cls)(model, revision=revision, **kwargs)
 
 
-__all__ = ["Backend", "Prompt", "build_prompt", "BACKENDS", "register_backend", "load_backend"]
+__all__ = [
+    "BACKENDS", "Backend", "Prompt", "build_prompt", "load_backend", "register_backend",
+    "resolve_model_path",
+]

@@ -36,6 +36,25 @@ def build_prompt(prefix: str, class_names: Sequence[str]) -> Prompt:
     return Prompt(text=text, class_names=names, spans=tuple(spans))
 
 
+PACKAGE_SCHEME = "pkg://"
+
+
+def resolve_model_path(model: str) -> str:
+    """`pkg://package.name/sub/dir` -> that directory inside an installed package; else unchanged.
+
+    Lets shipped configs name bundled checkpoints portably (the shapes-world models).
+    """
+    if not model.startswith(PACKAGE_SCHEME):
+        return model
+    from importlib import resources
+
+    package, _, sub = model.removeprefix(PACKAGE_SCHEME).partition("/")
+    try:
+        return str(resources.files(package) / sub)
+    except ModuleNotFoundError:
+        raise OSError(f"cannot resolve {model!r}: package {package!r} is not installed") from None
+
+
 class Backend(abc.ABC):
     """Wraps one VLM and turns a batch of images + prompts into GradCAM maps.
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._base import Backend, Prompt
+from ._base import Backend, Prompt, resolve_model_path
 
 ITM_MATCH = 1  # index of the "match" logit of the ITM head
 
@@ -54,12 +54,13 @@ class BlipBackend(Backend):
 
         self.model_id, self.revision = str(model), revision
         self.device, self.dtype = resolve_device(device), dtype
+        path = resolve_model_path(self.model_id)
         try:
-            net = BlipForImageTextRetrieval.from_pretrained(self.model_id, revision=revision)
+            net = BlipForImageTextRetrieval.from_pretrained(path, revision=revision)
         except (OSError, ValueError) as err:
             raise load_error("BLIP ITM model", self.model_id, err) from None
         try:
-            processor = AutoProcessor.from_pretrained(self.model_id, revision=revision)
+            processor = AutoProcessor.from_pretrained(path, revision=revision)
         except (OSError, ValueError) as err:
             raise load_error("BLIP processor", self.model_id, err) from None
         net.requires_grad_(False)
@@ -162,6 +163,42 @@ class BlipBackend(Backend):
             maps[b, :, :, : len(p.class_names)].reshape(len(layers), -1, len(p.class_names), gh, gw)
             for b, p in enumerate(prompts)
         ]
+
+    # -- candidate classes: plain ITM --------------------------------------------------------------
+    @torch.inference_mode()
+    def itm_scores(
+        self, pixel_values: torch.Tensor, texts: Sequence[str], batch_size: int = 64
+    ) -> torch.Tensor:
+        """ITM match probability softmax(itm logits)[1] of every text for every image. # [B, T]
+
+        The vision encoder runs once per image; the (image, text) pairs go through the text
+        encoder `batch_size` at a time.
+        """
+        batch, size = pixel_values.shape[0], pixel_values.shape[-1]
+        if not texts or not batch:
+            return torch.zeros(batch, len(texts), device=self.device)
+        image_embeds = self.model.vision_model(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            interpolate_pos_encoding=size != self._native_size,
+        ).last_hidden_state  # [B, 1 + gh*gw, D]
+        max_pos = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_pos,
+                                return_tensors="pt")
+        ids = tokens["input_ids"].to(self.device)  # [T, L]
+        mask = tokens["attention_mask"].to(self.device)  # [T, L]
+        pairs = torch.cartesian_prod(torch.arange(batch), torch.arange(len(texts))).to(self.device)
+        step, scores = max(1, int(batch_size)), []
+        for start in range(0, len(pairs), step):
+            b, t = pairs[start : start + step].unbind(1)  # [P], [P]
+            images = image_embeds[b]  # [P, 1 + gh*gw, D]
+            text = self.model.text_encoder(
+                input_ids=ids[t], attention_mask=mask[t], encoder_hidden_states=images,
+                encoder_attention_mask=torch.ones(images.shape[:-1], dtype=torch.long,
+                                                  device=self.device),
+            )
+            logits = self.model.itm_head(text.last_hidden_state[:, 0, :]).float()  # [P, 2]
+            scores.append(logits.softmax(-1)[:, ITM_MATCH])
+        return torch.cat(scores).view(batch, len(texts))
 
     def _tokenize(self, prompts: Sequence[Prompt]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Token ids for the captions and a [B, C_max, T] matrix averaging each class's pieces."""

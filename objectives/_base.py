@@ -1,0 +1,96 @@
+"""The `Objective` seam: an annotation-free score per image, and a registry by name."""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+LABEL_USE = ("none", "image-level", "pixel")
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """Everything an objective may look at for one segmented image."""
+
+    image: np.ndarray  # [H, W, 3] uint8
+    class_names: tuple[str, ...]  # the image's candidate classes, in prompt order
+    maps: np.ndarray  # [C, gh, gw] relevance maps before thresholding
+    label_map: np.ndarray  # [H, W] int: 0 = background, i = class_names[i - 1]
+    threshold: float  # the segmenter's threshold (step 5)
+    vocabulary: tuple[str, ...] = ()  # every class name of the dataset
+    image_classes: tuple[str, ...] | None = None  # ground-truth image-level labels, when known
+    labels: np.ndarray | None = None  # [H, W] ground-truth dataset class ids, when known
+    #: the dataset's class names by id (what the ids in `labels` mean), "background" first when
+    #: the benchmark has one; empty: `vocabulary` is read that way (see metrics.to_class_ids)
+    label_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_result(
+        cls,
+        image: np.ndarray,
+        result: Any,
+        threshold: float,
+        **context: Any,
+    ) -> ScoreInput:
+        """The input for a `segmenter.SegmentationResult`, restricted to its candidate classes.
+
+        A result indexes the caller's whole class list (zero maps for classes the candidate
+        rule left out); objectives score the candidates only, so maps and label map are
+        re-indexed to them. `context`: vocabulary, image_classes, labels, label_names.
+        """
+        names = tuple(result.class_names)
+        candidates = tuple(result.candidates)
+        chosen = [names.index(c) for c in candidates]
+        to_candidate = np.zeros(len(names) + 1, dtype=np.int64)  # 0 stays background
+        to_candidate[[i + 1 for i in chosen]] = np.arange(1, len(chosen) + 1)
+        return cls(
+            image=image, class_names=candidates, maps=np.asarray(result.maps)[chosen],
+            label_map=to_candidate[result.label_map], threshold=float(threshold), **context,
+        )
+
+
+class Objective(abc.ABC):
+    """A per-image score a study optimises; the study's value is the mean over images."""
+
+    name: str = ""
+    direction: str = "maximize"
+    #: models the objective loads besides the segmenter's own (e.g. ("clip",))
+    models: tuple[str, ...] = ()
+    #: which labels it reads: "none", "image-level" or "pixel"
+    labels: str = "none"
+
+    @abc.abstractmethod
+    def score(self, items: Sequence[ScoreInput]) -> np.ndarray:
+        """One float per item. # [len(items)]"""
+
+    def describe(self) -> str:
+        """First line of the docstring."""
+        return (self.__doc__ or "").strip().splitlines()[0] if self.__doc__ else ""
+
+
+# name -> "module:Class"; modules are imported only when the objective is asked for
+OBJECTIVES: dict[str, str] = {}
+
+
+def register_objective(name: str, target: str) -> None:
+    """Make `objective: NAME` in a study spec construct `target` ("package.module:Class")."""
+    OBJECTIVES[name] = target
+
+
+def objective_class(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise ValueError(
+            f"unknown objective {name!r}: registered objectives are {', '.join(sorted(OBJECTIVES))}"
+        )
+    module, cls = OBJECTIVES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_objective(name: str, **options: Any) -> Objective:
+    """Construct the objective registered as `name` (options: model paths, device, ...)."""
+    return objective_class(name)(**options)
