@@ -1,0 +1,1 @@
+"""Study specs shipped with ovss-tune (YAML files beside this module)."""

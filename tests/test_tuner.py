@@ -1,0 +1,194 @@
+"""`tune run` / export / show / studies end to end on tiny models and shapes-world images."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+
+from segmenter import SegmenterConfig
+from segmenter.config import read_provenance
+from tuner.cli import main
+from tuner.spec import load_spec
+from tuner.study import RunOptions, StudyRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_spec(tmp_path: Path, blip: str, clip: str, *, space=None, images=4, trials=3, **extra) -> Path:
+    spec = {
+        "dataset": "shapes",
+        "dataset_options": {"size": 40},
+        "tuning": {"split": "train", "images": images, "seed": 0},
+        "objective": "clip_margin",
+        "objective_options": {"clip_model": clip},
+        "fixed": {"model": blip, "image_size": 32, "layer": 2, "dropout_rounds": 1, "crf_iterations": 2},
+        "search_space": space or {
+            "layer": {"type": "int", "low": 1, "high": 2},
+            "head": {"type": "int", "low": 0, "high": 3},
+            "threshold": {"type": "float", "low": 0.05, "high": 0.45, "step": 0.1},
+        },
+        "pruner": {"type": "none"},
+        "trials": trials,
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run_args(tmp_path: Path, spec: Path, *more: str) -> list[str]:
+    return ["run", "--study-file", str(spec), "--storage", f"sqlite:///{tmp_path}/tune.db",
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress", *more]
+
+
+def load(tmp_path: Path, name: str = "shapes-clip_margin") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/tune.db")
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def test_run_records_miou_and_export_round_trips(tmp_path, tiny_blip, tiny_clip, capsys):
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip)
+    assert main(run_args(tmp_path, spec)) == 0
+    out = capsys.readouterr().out
+    assert "best trial" in out and "mIoU" in out
+    study = load(tmp_path)
+    trials = finished(study)
+    assert len(trials) == 3
+    for t in trials:
+        assert 0.0 <= t.user_attrs["miou"] <= 1.0
+        assert t.user_attrs["labels_used"] == "none" and len(t.user_attrs["objective_per_image"]) == 4
+        assert "miou" not in t.params  # never shown to the sampler
+    attrs = study.user_attrs
+    assert attrs["seed"] == 0 and len(attrs["tuning_ids"]) == 4 and attrs["dataset"] == "shapes"
+    assert attrs["models"]["model"] == tiny_blip and "pixel" in attrs["labels_touched"]
+
+    best_file = tmp_path / "best.yaml"
+    args = ["export", "--study", "shapes-clip_margin", "--storage", f"sqlite:///{tmp_path}/tune.db"]
+    assert main([*args, "-o", str(best_file)]) == 0
+    config = SegmenterConfig.from_yaml(best_file)
+    assert config == SegmenterConfig.from_dict(study.best_trial.user_attrs["config"])
+    assert config.layer == study.best_trial.params["layer"]
+    provenance = read_provenance(best_file)
+    assert provenance["study"] == "shapes-clip_margin" and provenance["trial"] == study.best_trial.number
+
+    assert main(["show", "--study", "shapes-clip_margin", "--storage", f"sqlite:///{tmp_path}/tune.db"]) == 0
+    assert main(["studies", "--storage", f"sqlite:///{tmp_path}/tune.db"]) == 0
+    shown = capsys.readouterr().out
+    assert "shapes-clip_margin" in shown and "3 complete" in shown
+    assert main(["show", "--study", "nope", "--storage", f"sqlite:///{tmp_path}/tune.db"]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_rerun_continues_the_study_and_a_finished_study_does_nothing(tmp_path, tiny_blip, tiny_clip, capsys):
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip)
+    assert main(run_args(tmp_path, spec, "--trials", "2")) == 0
+    first = {t.number: t.value for t in finished(load(tmp_path))}
+    assert main(run_args(tmp_path, spec, "--trials", "4")) == 0
+    study = load(tmp_path)
+    assert sorted(t.number for t in finished(study)) == [0, 1, 2, 3]
+    assert all(study.trials[n].value == v for n, v in first.items())
+    capsys.readouterr()
+    assert main(run_args(tmp_path, spec, "--trials", "4")) == 0
+    assert "(0 run now)" in capsys.readouterr().out
+    assert len(load(tmp_path).trials) == 4
+    # a different seed would change the recorded study: refused with a one-line error
+    assert main(run_args(tmp_path, spec, "--trials", "5", "--seed", "9")) == 2
+
+
+def test_killed_run_loses_no_finished_trial(tmp_path, tiny_blip, tiny_clip):
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=6, trials=40)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", *run_args(tmp_path, spec)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    before: dict[int, float] = {}
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                study = load(tmp_path)
+            except KeyError:
+                continue
+            trials = study.get_trials(deepcopy=False)
+            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+            done = finished(study)
+            if len(done) >= 2 and running:
+                proc.send_signal(signal.SIGKILL)  # mid-trial
+                proc.wait()
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    before = {t.number: t.value for t in finished(load(tmp_path))}
+    assert len(before) >= 2
+    spec_small = write_spec(tmp_path, tiny_blip, tiny_clip, images=6, trials=len(before) + 2)
+    assert main(run_args(tmp_path, spec_small)) == 0
+    study = load(tmp_path)
+    after = {t.number: t.value for t in finished(study)}
+    assert len(after) == len(before) + 2
+    assert all(after[n] == v for n, v in before.items())
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+
+
+def _runner(tmp_path, spec_path, cache: bool, name: str) -> StudyRunner:
+    options = RunOptions(storage=f"sqlite:///{tmp_path}/tune.db", study_name=name, device="cpu",
+                         cache_dir=str(tmp_path / "cache") if cache else None, progress=False)
+    return StudyRunner(load_spec(spec_path), options)
+
+
+def test_postprocessing_only_trials_run_no_model_and_cache_is_transparent(tmp_path, tiny_blip, tiny_clip):
+    space = {
+        "head": {"type": "int", "low": 0, "high": 3},
+        "threshold": {"type": "float", "low": 0.05, "high": 0.85},
+        "blur_sigma": {"type": "float", "low": 0.0, "high": 0.1},
+    }
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, space=space, images=5, trials=4)
+    warm = _runner(tmp_path, spec, cache=True, name="warm")
+    warm.trials = 1
+    warm.run()
+    calls = warm.backend.forward_calls
+    assert calls >= 1
+    warm.trials = 4
+    warm.run()
+    assert warm.backend.forward_calls == calls  # heads, threshold, blur: no model run at all
+    cold = _runner(tmp_path, spec, cache=False, name="cold")
+    cold.run()
+    assert cold.backend.forward_calls == 4 * calls
+    values = [t.value for t in warm.study.trials]
+    assert values == [t.value for t in cold.study.trials]
+
+    for entry in (tmp_path / "cache").rglob("*.safetensors"):  # damage every entry
+        entry.write_bytes(entry.read_bytes()[:40])
+    again = _runner(tmp_path, spec, cache=True, name="again")
+    again.run()
+    assert again.cache.corrupt >= 1
+    assert [t.value for t in again.study.trials] == values
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, tiny_blip, tiny_clip, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: shapes\nsearch_space: {layer: {type: int, low: 1}}\n")
+    assert main(["run", "--study-file", str(bad), "--storage", f"sqlite:///{tmp_path}/t.db"]) == 2
+    err = capsys.readouterr().err
+    assert "search_space.layer.high" in err and "Traceback" not in err
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, space={
+        "layer": {"type": "int", "low": 1, "high": 9}, "head": {"type": "int", "low": 0, "high": 3}})
+    assert main(run_args(tmp_path, spec)) == 2
+    assert "valid layers are 1..3" in capsys.readouterr().err
+    assert main(["export", "--study", "x", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert "no study 'x'" in capsys.readouterr().err
+    assert main(["run", "--study-file", str(tmp_path / "missing.yaml")]) == 2
+    assert "study file not found" in capsys.readouterr().err

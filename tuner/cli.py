@@ -1,0 +1,228 @@
+"""`tune`: run label-free studies, export their best config, inspect them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_DATASET = "shapes"
+
+
+def _storage_arg(p: argparse.ArgumentParser) -> None:
+    from .study import DEFAULT_STORAGE
+
+    p.add_argument("--storage", default=os.environ.get("OVSS_STORAGE", DEFAULT_STORAGE),
+                   help="Optuna storage URL: sqlite:///file.db, postgresql://..., journal:FILE "
+                        "(default %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ovss-tune {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run (or continue) a label-free study")
+    run.add_argument("--dataset", help=f"dataset name (default: {DEFAULT_DATASET}, or the study file's)")
+    run.add_argument("--data-root", default=os.environ.get("OVSS_DATA"),
+                     help="dataset directory (default: $OVSS_DATA)")
+    run.add_argument("--study-file", help="a study spec YAML (default: studies/<dataset>.yaml)")
+    run.add_argument("--study", help="study name (default: <dataset>-<objective>)")
+    _storage_arg(run)
+    run.add_argument("--trials", type=int, help="finished trials the study should have")
+    run.add_argument("--objective", help="objective name (see `tune objectives`)")
+    run.add_argument("--images", type=int, help="number of tuning images")
+    run.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    run.add_argument("--seed", type=int, help="sampler and tuning-subset seed (recorded in the study)")
+    run.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
+    run.add_argument("--no-cache", action="store_true", help="recompute every map (same values)")
+    run.add_argument("--batch-size", type=int, default=8, help="images per model batch")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    export = sub.add_parser("export", help="write the best trial's SegmenterConfig as YAML")
+    export.add_argument("--study", required=True)
+    _storage_arg(export)
+    export.add_argument("-o", "--output", help="file to write (default: standard output)")
+
+    show = sub.add_parser("show", help="a table of a study's top trials")
+    show.add_argument("--study", required=True)
+    _storage_arg(show)
+    show.add_argument("--top", type=int, default=10)
+
+    studies = sub.add_parser("studies", help="list the studies in a storage")
+    _storage_arg(studies)
+
+    sub.add_parser("objectives", help="list the registered objectives and the labels they use")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from .spec import SpecError
+    from .study import quiet_libraries
+
+    quiet_libraries()
+    console = Console()
+    try:
+        return COMMANDS[args.command](args, console)
+    except KeyboardInterrupt:
+        Console(stderr=True).print(
+            "[yellow]interrupted[/]: finished trials are saved; rerun the same command to continue"
+        )
+        return 130
+    except (SpecError, ValueError, OSError, KeyError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        Console(stderr=True, highlight=False).print(f"[red]error:[/] {message}", soft_wrap=True)
+        return 2
+
+
+# --- commands ---------------------------------------------------------------------------------------
+def cmd_run(args, console: Console) -> int:
+    from .spec import builtin_spec_path, load_spec
+    from .study import RunOptions, StudyRunner
+
+    spec = load_spec(args.study_file or builtin_spec_path(args.dataset or DEFAULT_DATASET))
+    if args.dataset and args.study_file:
+        spec = spec.replace(dataset=args.dataset)
+    if args.objective:
+        spec = spec.replace(objective=args.objective)
+    options = RunOptions(
+        storage=args.storage, study_name=args.study, trials=args.trials, images=args.images,
+        device=None if args.device == "auto" else args.device, seed=args.seed,
+        cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
+        data_root=args.data_root, progress=not args.no_progress,
+    )
+    if options.trials is not None and options.trials < 1:
+        raise ValueError("--trials must be at least 1")
+    runner = StudyRunner(spec, options)
+    before = runner.finished()
+    study = runner.run()
+    ran = runner.finished() - before
+    console.print(f"study [bold]{runner.name}[/] in {args.storage}: {runner.finished()} finished trials"
+                  f" ({ran} run now); map cache {runner.cache.hits} hits, {runner.cache.misses} misses")
+    _print_best(study, console)
+    return 0
+
+
+def _print_best(study, console: Console) -> None:
+    from segmenter import SegmenterConfig
+
+    try:
+        best = study.best_trial
+    except ValueError:
+        console.print("no completed trial yet")
+        return
+    config = SegmenterConfig.from_dict(best.user_attrs["config"])
+    miou = best.user_attrs.get("miou")
+    line = f"best trial #{best.number}: objective {best.value:.4f}"
+    if miou is not None:
+        line += f", mIoU {miou:.4f} (labels used only to report this)"
+    console.print(line)
+    console.print(config.to_yaml(), highlight=False, markup=False)
+
+
+def cmd_export(args, console: Console) -> int:
+    from segmenter import SegmenterConfig
+
+    from .study import load_study
+
+    study = load_study(args.storage, args.study)
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise ValueError(f"study {args.study!r} has no completed trial yet: run it first") from None
+    config = SegmenterConfig.from_dict(best.user_attrs["config"])
+    provenance = {
+        "study": study.study_name, "trial": best.number, "value": best.value,
+        "objective": study.user_attrs.get("objective"), "dataset": study.user_attrs.get("dataset"),
+        "tuning_split": study.user_attrs.get("tuning_split"),
+        "labels_touched": study.user_attrs.get("labels_touched"),
+        "miou": best.user_attrs.get("miou"), "package_version": study.user_attrs.get("package_version"),
+    }
+    text = config.to_yaml(provenance={k: v for k, v in provenance.items() if v is not None})
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        console.print(f"wrote {args.output} (trial #{best.number}, objective {best.value:.4f})")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_show(args, console: Console) -> int:
+    from optuna.trial import TrialState
+
+    from .study import load_study
+
+    study = load_study(args.storage, args.study)
+    trials = study.get_trials(deepcopy=False)
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    table = Table(title=f"{study.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    for col in ("trial", "objective", "mIoU", "params"):
+        table.add_column(col, justify="right" if col != "params" else "left")
+    for t in done[: args.top]:
+        miou = t.user_attrs.get("miou")
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+        table.add_row(str(t.number), f"{t.value:.4f}", "-" if miou is None else f"{miou:.4f}", params)
+    console.print(table)
+    return 0
+
+
+def cmd_studies(args, console: Console) -> int:
+    import optuna
+
+    from .study import FINISHED, open_storage
+
+    storage = open_storage(args.storage)
+    summaries = optuna.get_all_study_summaries(storage)
+    table = Table(title=f"studies in {args.storage}")
+    for col in ("study", "dataset", "objective", "finished", "best"):
+        table.add_column(col)
+    for s in summaries:
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        best = "-" if s.best_trial is None else f"{s.best_trial.value:.4f}"
+        table.add_row(s.study_name, str(s.user_attrs.get("dataset", "?")),
+                      str(s.user_attrs.get("objective", "?")), str(finished), best)
+    console.print(table)
+    return 0
+
+
+def cmd_objectives(args, console: Console) -> int:
+    from objectives import describe_objectives
+
+    table = Table(title="objectives")
+    for col in ("name", "direction", "models", "labels", "what it measures"):
+        table.add_column(col)
+    for row in describe_objectives():
+        table.add_row(*(", ".join(v) if isinstance(v, (tuple, list)) else str(v) for v in row))
+    console.print(table)
+    return 0
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _version() -> str:
+    from segmenter import __version__
+
+    return __version__
+
+
+COMMANDS = {
+    "run": cmd_run, "export": cmd_export, "show": cmd_show, "studies": cmd_studies,
+    "objectives": cmd_objectives,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

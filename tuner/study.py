@@ -1,0 +1,261 @@
+"""Running, resuming and reading Optuna studies of a StudySpec."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+import segmenter
+from objectives import get_objective
+from segmenter import SegmenterConfig, load_backend
+
+from .cache import MapCache, image_digest
+from .datasets import Dataset, load_dataset
+from .spec import StudySpec, config_from_params
+from .trial import MapProvider, TrialRunner, TuningImage
+
+DEFAULT_STORAGE = "sqlite:///runs/tune.db"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def config_hash(config: SegmenterConfig) -> str:
+    return hashlib.sha256(config.to_yaml().encode()).hexdigest()[:12]
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for a URL: sqlite:///path, postgresql://..., or journal:PATH (a file)."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=30, grace_period=90,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=2
+                ),
+            )
+    except Exception as err:  # bad URL, server down, missing driver
+        raise ValueError(f"cannot open storage {url!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_study(storage: str, name: str) -> optuna.Study:
+    """An existing study; a missing one is a one-line error listing those in the storage."""
+    store = open_storage(storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    if name not in names:
+        have = ", ".join(names) if names else "none"
+        raise ValueError(f"no study {name!r} in {storage} (studies there: {have})")
+    return optuna.load_study(study_name=name, storage=store)
+
+
+def pick_tuning_ids(dataset: Dataset, split: str, count: int, seed: int) -> list[str]:
+    """A seeded subset of a split (all of it when it has fewer images)."""
+    ids = dataset.ids(split)
+    if not ids:
+        raise ValueError(f"split {split!r} of dataset {dataset.name!r} has no images")
+    if count >= len(ids):
+        return list(ids)
+    rng = np.random.default_rng(seed)
+    return [ids[i] for i in sorted(rng.choice(len(ids), size=count, replace=False))]
+
+
+@dataclass
+class RunOptions:
+    storage: str = DEFAULT_STORAGE
+    study_name: str | None = None
+    trials: int | None = None
+    images: int | None = None
+    device: str | None = None
+    seed: int | None = None
+    cache_dir: str | None = "runs/cache"
+    batch_size: int = 8
+    data_root: str | None = None
+    progress: bool = True
+
+
+class StudyRunner:
+    """Everything one `tune run` needs, built once: dataset, models, tuning images, runner."""
+
+    def __init__(self, spec: StudySpec, options: RunOptions) -> None:
+        self.spec, self.options = spec, options
+        self.seed = options.seed if options.seed is not None else spec.tuning_seed
+        self.trials = options.trials or spec.trials
+        self.name = options.study_name or spec.study_name
+        self.storage = open_storage(options.storage)
+        self.study = self._create_study()
+
+        dataset_options = dict(spec.dataset_options)
+        if options.data_root:
+            dataset_options["root"] = options.data_root
+        self.dataset = load_dataset(spec.dataset, **dataset_options)
+        self.dataset.check_split(spec.tuning_split)
+        recorded = self.study.user_attrs.get("tuning_ids")
+        count = options.images or spec.tuning_images
+        self.tuning_ids = recorded or pick_tuning_ids(self.dataset, spec.tuning_split, count, self.seed)
+        if recorded and options.images and options.images != len(recorded):
+            raise ValueError(
+                f"study {self.name!r} tunes on {len(recorded)} images; --images {options.images} "
+                "would change it: use a new --study name"
+            )
+        self.backend = load_backend(spec.fixed.backend, spec.fixed.model, spec.fixed.revision,
+                                    device=options.device)
+        self._check_space_against_model()
+        self.objective = get_objective(spec.objective, device=str(self.backend.device),
+                                       **spec.objective_options)
+        self.cache = MapCache(options.cache_dir)
+        self.provider = MapProvider(self.backend, self.cache, options.batch_size)
+        self.images = self._load_images()
+        self.runner = TrialRunner(
+            self.dataset, self.images, self.provider, self.objective, self._candidates,
+            batch_size=options.batch_size,
+            report="instance" if spec.pruner.get("type", "wilcoxon") == "wilcoxon" else "mean",
+        )
+        self._candidate_memo: dict[tuple, tuple[str, ...]] = {}
+        self._record_study_attrs()
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _create_study(self) -> optuna.Study:
+        return optuna.create_study(
+            storage=self.storage, study_name=self.name, load_if_exists=True,
+            direction="maximize", sampler=self.spec.make_sampler(self.seed),
+            pruner=self.spec.make_pruner(),
+        )
+
+    def _check_space_against_model(self) -> None:
+        """Every layer and head the search space can pick must exist in the model (fail early)."""
+        fixed, layers, heads = self.spec.fixed, [self.spec.fixed.layer], list(self.spec.fixed.heads)
+        for param in self.spec.search_space:
+            values = list(param.choices) if param.type == "categorical" else [param.low, param.high]
+            if param.name == "layer":
+                layers = [int(v) for v in values]
+            elif param.name in ("head", "heads"):
+                heads = [h for v in values for h in config_from_params(fixed, {param.name: v}).heads]
+        for layer in layers:
+            self.backend.check_layer_heads(layer, heads)
+        self.backend.patch_grid(fixed.image_size)
+
+    def _load_images(self) -> list[TuningImage]:
+        images = []
+        for sample_id in self.tuning_ids:
+            sample = self.dataset.load(self.spec.tuning_split, sample_id)
+            images.append(TuningImage(sample, image_digest(sample.image)))
+        return images
+
+    def _record_study_attrs(self) -> None:
+        attrs = self.study.user_attrs
+        if attrs.get("seed") is not None and attrs["seed"] != self.seed:
+            raise ValueError(
+                f"study {self.name!r} was created with seed {attrs['seed']}, not {self.seed}: "
+                "drop --seed or use a new --study name"
+            )
+        fixed = self.spec.fixed
+        record: dict[str, Any] = {
+            "dataset": self.spec.dataset,
+            "dataset_options": {k: str(v) for k, v in self.spec.dataset_options.items()},
+            "tuning_split": self.spec.tuning_split,
+            "tuning_ids": self.tuning_ids,
+            "eval_split": self.spec.eval_split,
+            "seed": self.seed,
+            "objective": self.spec.objective,
+            "objective_labels": self.objective.labels,
+            "candidate_rule": fixed.candidates,
+            "labels_touched": sorted({self.objective.labels, "image-level" if fixed.uses_image_labels
+                                      else "none", "pixel" if self.dataset.has_labels else "none"}),
+            "package_version": segmenter.__version__,
+            "models": {
+                "backend": fixed.backend, "model": fixed.model,
+                "revision": fixed.revision or getattr(self.backend.model.config, "_commit_hash", None),
+                **{k: str(v) for k, v in self.spec.objective_options.items()},
+            },
+            "spec": self.spec.source,
+            "fixed": fixed.to_dict(),
+        }
+        for key, value in record.items():
+            if key not in attrs:
+                self.study.set_user_attr(key, value)
+
+    def _candidates(self, config: SegmenterConfig, image: TuningImage) -> tuple[str, ...]:
+        key = (image.sample.id, config.candidates, config.candidates_topk, config.candidates_threshold)
+        if key not in self._candidate_memo:
+            from segmenter.candidates import select_candidates
+
+            self._candidate_memo[key] = tuple(select_candidates(
+                config.candidates, image.sample.image, self.dataset.vocabulary,
+                image_classes=image.sample.image_classes, backend=self.backend,
+                clip=getattr(self.objective, "clip", None), topk=config.candidates_topk,
+                threshold=config.candidates_threshold, prompt_prefix=config.prompt_prefix,
+                image_size=config.image_size,
+            ))
+        return self._candidate_memo[key]
+
+    # -- running -----------------------------------------------------------------------------------
+    def finished(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=FINISHED))
+
+    def objective_fn(self, trial: optuna.Trial, on_image=None) -> float:
+        config = self.spec.suggest(trial)
+        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("config_hash", config_hash(config))
+        trial.set_user_attr("labels_used", "image-level" if config.uses_image_labels else "none")
+        outcome = self.runner.evaluate(config, trial, on_image=on_image)
+        values = np.asarray(outcome.per_image)
+        trial.set_user_attr("objective_per_image", [round(v, 6) for v in outcome.per_image])
+        trial.set_user_attr("objective_summary", {
+            "mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
+            "max": float(values.max()), "images": int(values.size),
+        })
+        if outcome.metrics:  # evaluated with pixel labels; never seen by the sampler
+            trial.set_user_attr("miou", outcome.metrics["miou"])
+            trial.set_user_attr("pixel_accuracy", outcome.metrics["pixel_accuracy"])
+            trial.set_user_attr("iou_per_class", outcome.metrics["iou_per_class"])
+        return outcome.value
+
+    def run(self) -> optuna.Study:
+        """Run until the study has `trials` finished trials; a finished study does nothing."""
+        from .progress import StudyProgress
+
+        remaining = self.trials - self.finished()
+        if remaining <= 0:
+            return self.study
+        with StudyProgress(self, enabled=self.options.progress) as progress:
+            self.study.optimize(
+                lambda t: self.objective_fn(t, on_image=progress.image_done),
+                n_trials=None,  # MaxTrialsCallback stops at `trials` finished, all workers counted
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(self.trials, states=FINISHED),
+                    progress.trial_done,
+                ],
+                catch=(),
+            )
+        return self.study
+
+
+def quiet_libraries() -> None:
+    """Keep Optuna's and transformers' per-trial logging out of the progress display."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # older transformers
+        pass
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore", message=".*requires torchvision.*")

@@ -1,0 +1,154 @@
+"""One trial: a SegmenterConfig run over the tuning images and scored by an objective.
+
+Relevance maps come from the map cache where possible. Without Salience Dropout (one round)
+an entry holds every head of the layer, so a change of heads runs no model; with dropout the
+dropped patches depend on the heads, and the entry is keyed by them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import optuna
+
+from objectives import Objective, ScoreInput, confusion_matrix, miou, num_label_classes, to_class_ids
+from segmenter import Backend, SegmenterConfig, build_prompt, postprocess, salience_dropout
+
+from .cache import MapCache, cache_key
+from .datasets import Dataset, Sample
+
+
+@dataclass
+class TuningImage:
+    """A tuning sample kept in memory with its content hash."""
+
+    sample: Sample
+    digest: str
+
+
+@dataclass
+class TrialOutcome:
+    value: float
+    per_image: list[float]
+    confusion: np.ndarray | None = None
+    metrics: dict = field(default_factory=dict)  # miou, pixel_accuracy, iou per class
+
+
+class MapProvider:
+    """Steps 1-4 for a batch of images, through the map cache."""
+
+    def __init__(self, backend: Backend, cache: MapCache, batch_size: int = 8) -> None:
+        self.backend, self.cache, self.batch_size = backend, cache, batch_size
+        self.model_runs = 0  # batches sent to the backend
+
+    def _key(self, config: SegmenterConfig, digest: str, candidates: Sequence[str]) -> str:
+        parts = dict(
+            backend=config.backend, model=self.backend.model_id, revision=self.backend.revision,
+            image=digest, image_size=config.image_size, candidates=list(candidates),
+            prompt=config.prompt_prefix, layer=config.layer,
+        )
+        if config.dropout_rounds > 1:  # dropped patches depend on the heads and the schedule
+            parts.update(heads=list(config.heads), schedule=config.dropout_schedule,
+                         rounds=config.dropout_rounds, k=config.dropout_k)
+        return cache_key(**parts)
+
+    def maps(
+        self, config: SegmenterConfig, images: Sequence[TuningImage],
+        candidates: Sequence[Sequence[str]],
+    ) -> list[np.ndarray]:
+        """Per image the class relevance maps of `config`. # [C, gh, gw]"""
+        keys = [self._key(config, im.digest, c) for im, c in zip(images, candidates)]
+        entries: list[np.ndarray | None] = [self.cache.get(k) for k in keys]
+        missing = [i for i, e in enumerate(entries) if e is None]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            pixels = self.backend.prepare_images([images[i].sample.image for i in chunk], config.image_size)
+            prompts = [build_prompt(config.prompt_prefix, candidates[i]) for i in chunk]
+            if config.dropout_rounds == 1:  # every head of the layer from one pass
+                cams = self.backend.gradcam(pixels, prompts, [config.layer])
+                computed = [c[0].cpu().numpy() for c in cams]  # [heads, C, gh, gw]
+            else:
+                computed = [m.cpu().numpy() for m in salience_dropout(self.backend, pixels, prompts, config)]
+            self.model_runs += 1
+            for i, array in zip(chunk, computed):
+                entries[i] = array
+                self.cache.put(keys[i], array)
+        out = []
+        for array in entries:
+            assert array is not None
+            if config.dropout_rounds == 1:
+                array = array[list(config.heads)].mean(0)
+                if config.dropout_count_first_twice:
+                    array = 2.0 * array
+            out.append(array.astype(np.float32))
+        return out
+
+
+class TrialRunner:
+    """Evaluates configs over a fixed list of tuning images."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        images: Sequence[TuningImage],
+        provider: MapProvider,
+        objective: Objective,
+        candidates: Callable[[SegmenterConfig, TuningImage], tuple[str, ...]],
+        batch_size: int = 8,
+        report: str = "instance",
+    ) -> None:
+        self.dataset, self.images, self.provider = dataset, list(images), provider
+        self.objective, self.candidates, self.batch_size = objective, candidates, batch_size
+        self.report = report  # "instance": per-image values (Wilcoxon); "mean": running mean
+
+    def evaluate(
+        self,
+        config: SegmenterConfig,
+        trial: optuna.Trial | None = None,
+        on_image: Callable[[int], None] | None = None,
+    ) -> TrialOutcome:
+        labelled = self.dataset.has_labels and all(im.sample.labels is not None for im in self.images)
+        n_eval = num_label_classes(self.dataset.class_names)
+        confusion = np.zeros((n_eval, n_eval), dtype=np.int64) if labelled else None
+        per_image: list[float] = []
+        for start in range(0, len(self.images), self.batch_size):
+            batch = self.images[start : start + self.batch_size]
+            cands = [self.candidates(config, im) for im in batch]
+            maps = self.provider.maps(config, batch, cands)
+            items = []
+            for im, names, m in zip(batch, cands, maps):
+                label_map = postprocess(im.sample.image, m, config)
+                items.append(ScoreInput(
+                    image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
+                    threshold=config.threshold, vocabulary=self.dataset.vocabulary,
+                    image_classes=im.sample.image_classes, label_names=self.dataset.class_names,
+                ))
+                if confusion is not None:
+                    pred = to_class_ids(label_map, names, self.dataset.class_names)
+                    confusion += confusion_matrix(pred, im.sample.labels, n_eval, self.dataset.ignore_index)
+            scores = np.asarray(self.objective.score(items), dtype=np.float64)
+            for score in scores:
+                per_image.append(float(score))
+                if trial is not None:
+                    step = len(per_image) - 1
+                    value = float(score) if self.report == "instance" else float(np.mean(per_image))
+                    trial.report(value, step)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"pruned after {len(per_image)} images")
+                if on_image is not None:
+                    on_image(len(per_image))
+        metrics = {}
+        if confusion is not None:
+            metrics = _metrics_dict(miou(confusion), self.dataset.class_names)
+        return TrialOutcome(float(np.mean(per_image)), per_image, confusion, metrics)
+
+
+def _metrics_dict(scores, class_names: Sequence[str]) -> dict:
+    iou = scores.per_class_iou[: len(class_names)]
+    return {
+        "miou": scores.miou,
+        "pixel_accuracy": scores.pixel_accuracy,
+        "iou_per_class": {n: None if np.isnan(v) else float(v) for n, v in zip(class_names, iou)},
+    }
