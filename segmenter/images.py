@@ -34,7 +34,8 @@ def as_rgb_uint8(image) -> np.ndarray:
         array = np.repeat(array, 3, axis=2)
     elif array.shape[2] == 4:
         array = array[..., :3]
-    return np.ascontiguousarray(array)
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()  # torch and pydensecrf write-lock
 
 
 def read_image(path: str | Path) -> np.ndarray:

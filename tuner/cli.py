@@ -57,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_arg(studies)
 
     sub.add_parser("objectives", help="list the registered objectives and the labels they use")
+
+    seg = sub.add_parser("segment", help="segment images with an exported config")
+    seg.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    seg.add_argument("--config", required=True, help="a SegmenterConfig YAML (from `tune export`)")
+    seg.add_argument("--classes", help="comma-separated class names")
+    seg.add_argument("--classes-file", help="a file with one class name a line")
+    seg.add_argument("--out", required=True, help="output directory")
+    seg.add_argument("--save-maps", action="store_true", help="also write the per-class maps (.npz)")
+    seg.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    seg.add_argument("--batch-size", type=int, default=8)
+    seg.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -209,6 +220,28 @@ def cmd_objectives(args, console: Console) -> int:
     return 0
 
 
+def cmd_segment(args, console: Console) -> int:
+    from rich.progress import Progress
+
+    from segmenter import Segmenter, SegmenterConfig
+
+    from .apply import iter_image_paths, read_class_list, segment_paths
+
+    names = read_class_list(args.classes, args.classes_file)
+    config = SegmenterConfig.from_yaml(Path(args.config))
+    total = sum(1 for _ in iter_image_paths(args.inputs))
+    segmenter = Segmenter(config, device=None if args.device == "auto" else args.device,
+                          batch_size=args.batch_size)
+    with Progress(console=Console(stderr=True), disable=args.no_progress) as progress:
+        task = progress.add_task("segmenting", total=total)
+        report = segment_paths(segmenter, names, args.inputs, args.out, save_maps=args.save_maps,
+                               progress=lambda: progress.advance(task))
+    console.print(f"wrote {len(report.written)} label maps and overlays to {args.out}")
+    for path, reason in report.failed:
+        console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+    return 1 if report.failed and not report.written else 0
+
+
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -221,7 +254,7 @@ def _version() -> str:
 
 COMMANDS = {
     "run": cmd_run, "export": cmd_export, "show": cmd_show, "studies": cmd_studies,
-    "objectives": cmd_objectives,
+    "objectives": cmd_objectives, "segment": cmd_segment,
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""`tune segment`: an exported config applied to new images, streamed in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from segmenter import Segmenter, read_image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def read_class_list(classes: str | None, classes_file: str | None) -> list[str]:
+    """Class names from "a,b,c" or a file with one name a line (# comments allowed)."""
+    if classes_file:
+        path = Path(classes_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"class file not found: {path}")
+        names = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
+    elif classes:
+        names = [n.strip() for n in classes.split(",")]
+    else:
+        raise ValueError("no classes given: pass --classes 'cat,dog' or --classes-file FILE")
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError("the class list is empty: give at least one class name")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"class {duplicates[0]!r} is listed twice: list each class once")
+    return names
+
+
+def iter_image_paths(inputs: Sequence[str]) -> Iterator[Path]:
+    """Files as given, and the image files of directories (sorted, not recursive)."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            yield path
+        else:
+            raise FileNotFoundError(f"no such image or directory: {path}")
+
+
+@dataclass
+class SegmentReport:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def segment_paths(
+    segmenter: Segmenter,
+    class_names: Sequence[str],
+    inputs: Sequence[str],
+    out_dir: str | Path,
+    save_maps: bool = False,
+    progress=None,
+) -> SegmentReport:
+    """Segment every image; write <stem>_labels.png, <stem>_overlay.png (and <stem>_maps.npz)."""
+    from .render import label_png, overlay
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = SegmentReport()
+    paths = list(iter_image_paths(inputs))  # fail on a missing input before any work
+    batch: list[tuple[Path, np.ndarray]] = []
+
+    def flush() -> None:
+        results = segmenter.segment_batch([im for _, im in batch], [list(class_names)] * len(batch))
+        for (path, image), result in zip(batch, results):
+            stem = out / path.stem
+            label_png(result.label_map, len(class_names) + 1).save(f"{stem}_labels.png")
+            overlay(image, result.label_map, result.class_names).save(f"{stem}_overlay.png")
+            if save_maps:
+                np.savez_compressed(f"{stem}_maps.npz", maps=result.maps,
+                                    class_names=np.array(result.class_names))
+            report.written.append(path)
+            if progress is not None:
+                progress()
+        batch.clear()
+
+    for path in paths:
+        try:
+            batch.append((path, read_image(path)))
+        except (ValueError, OSError) as err:
+            report.failed.append((path, str(err)))
+            if progress is not None:
+                progress()
+            continue
+        if len(batch) >= segmenter.batch_size:
+            flush()
+    if batch:
+        flush()
+    return report
