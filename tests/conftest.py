@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -10,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 WORDS = [
     "a", "picture", "of", "cat", "dog", "person", "traffic", "light", "sky", "grass",
@@ -193,3 +195,26 @@ def tiny_clip(tmp_path_factory) -> str:
 def colour_clip(tmp_path_factory) -> str:
     """Path of a hand-set tiny CLIP that sees colours: "red" and "blue" mean what they say."""
     return save_tiny_clip(tmp_path_factory.mktemp("colour-clip"), colour=True)
+
+
+def write_spec(tmp_path: Path, blip: str, clip: str, *, space=None, images=4, trials=3, **extra) -> Path:
+    """A study spec over shapes-world images with the tiny models, written to tmp_path/study.yaml."""
+    spec = {
+        "dataset": "shapes",
+        "dataset_options": {"size": 40},
+        "tuning": {"split": "train", "images": images, "seed": 0},
+        "objective": "clip_margin",
+        "objective_options": {"clip_model": clip},
+        "fixed": {"model": blip, "image_size": 32, "layer": 2, "dropout_rounds": 1, "crf_iterations": 2},
+        "search_space": space or {
+            "layer": {"type": "int", "low": 1, "high": 2},
+            "head": {"type": "int", "low": 0, "high": 3},
+            "threshold": {"type": "float", "low": 0.05, "high": 0.45, "step": 0.1},
+        },
+        "pruner": {"type": "none"},
+        "trials": trials,
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
-import yaml
+from conftest import write_spec
 
 from segmenter import SegmenterConfig
 from segmenter.config import read_provenance
@@ -19,28 +19,6 @@ from tuner.spec import load_spec
 from tuner.study import RunOptions, StudyRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_spec(tmp_path: Path, blip: str, clip: str, *, space=None, images=4, trials=3, **extra) -> Path:
-    spec = {
-        "dataset": "shapes",
-        "dataset_options": {"size": 40},
-        "tuning": {"split": "train", "images": images, "seed": 0},
-        "objective": "clip_margin",
-        "objective_options": {"clip_model": clip},
-        "fixed": {"model": blip, "image_size": 32, "layer": 2, "dropout_rounds": 1, "crf_iterations": 2},
-        "search_space": space or {
-            "layer": {"type": "int", "low": 1, "high": 2},
-            "head": {"type": "int", "low": 0, "high": 3},
-            "threshold": {"type": "float", "low": 0.05, "high": 0.45, "step": 0.1},
-        },
-        "pruner": {"type": "none"},
-        "trials": trials,
-        **extra,
-    }
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def run_args(tmp_path: Path, spec: Path, *more: str) -> list[str]:
@@ -134,10 +112,15 @@ def test_killed_run_loses_no_finished_trial(tmp_path, tiny_blip, tiny_clip):
     before = {t.number: t.value for t in finished(load(tmp_path))}
     assert len(before) >= 2
     spec_small = write_spec(tmp_path, tiny_blip, tiny_clip, images=6, trials=len(before) + 2)
-    assert main(run_args(tmp_path, spec_small)) == 0
+    # heartbeats every second: the killed worker's trial is failed after 3 s and retried
+    assert main(run_args(tmp_path, spec_small, "--heartbeat", "1")) == 0
     study = load(tmp_path)
     after = {t.number: t.value for t in finished(study)}
     assert len(after) == len(before) + 2
+    killed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(killed) == 1  # the trial running when the worker died
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert len(retried) == 1 and retried[0].params == killed[0].params
     assert all(after[n] == v for n, v in before.items())
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))

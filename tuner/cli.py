@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="recompute every map (same values)")
     run.add_argument("--batch-size", type=int, default=8, help="images per model batch")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--heartbeat", type=int, default=30,
+                     help="seconds between worker heartbeats on a database storage; a trial silent "
+                          "for 3 heartbeats is failed and retried (default %(default)s)")
 
     export = sub.add_parser("export", help="write the best trial's SegmenterConfig as YAML")
     export.add_argument("--study", required=True)
@@ -109,7 +112,7 @@ def cmd_run(args, console: Console) -> int:
         storage=args.storage, study_name=args.study, trials=args.trials, images=args.images,
         device=None if args.device == "auto" else args.device, seed=args.seed,
         cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
-        data_root=args.data_root, progress=not args.no_progress,
+        data_root=args.data_root, progress=not args.no_progress, heartbeat=args.heartbeat,
     )
     if options.trials is not None and options.trials < 1:
         raise ValueError("--trials must be at least 1")

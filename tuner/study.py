@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,12 @@ def config_hash(config: SegmenterConfig) -> str:
     return hashlib.sha256(config.to_yaml().encode()).hexdigest()[:12]
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL: sqlite:///path, postgresql://..., or journal:PATH (a file)."""
+def open_storage(url: str, heartbeat: int = 30) -> optuna.storages.BaseStorage:
+    """An Optuna storage for a URL: sqlite:///path, postgresql://..., or journal:PATH (a file).
+
+    Database storages get heartbeats: a trial whose worker stops beating for 3 x `heartbeat`
+    seconds is marked failed and retried once more with the same parameters.
+    """
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -45,7 +50,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=30, grace_period=90,
+                url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=2
                 ),
@@ -87,6 +92,7 @@ class RunOptions:
     batch_size: int = 8
     data_root: str | None = None
     progress: bool = True
+    heartbeat: int = 30
 
 
 class StudyRunner:
@@ -97,7 +103,7 @@ class StudyRunner:
         self.seed = options.seed if options.seed is not None else spec.tuning_seed
         self.trials = options.trials or spec.trials
         self.name = options.study_name or spec.study_name
-        self.storage = open_storage(options.storage)
+        self.storage = open_storage(options.storage, options.heartbeat)
         self.study = self._create_study()
 
         dataset_options = dict(spec.dataset_options)
@@ -209,6 +215,7 @@ class StudyRunner:
         return len(self.study.get_trials(deepcopy=False, states=FINISHED))
 
     def objective_fn(self, trial: optuna.Trial, on_image=None) -> float:
+        self._check_not_surplus(trial)
         config = self.spec.suggest(trial)
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("config_hash", config_hash(config))
@@ -227,23 +234,44 @@ class StudyRunner:
         return outcome.value
 
     def run(self) -> optuna.Study:
-        """Run until the study has `trials` finished trials; a finished study does nothing."""
+        """Run until the study has `trials` finished trials; a finished study does nothing.
+
+        Workers on one storage cooperate: none starts a trial that would take the study past
+        `trials`, and while the last trials run elsewhere a worker waits, so that a killed
+        worker's trial (failed by its stale heartbeat and retried) is still finished.
+        """
         from .progress import StudyProgress
 
-        remaining = self.trials - self.finished()
-        if remaining <= 0:
+        if self.finished() >= self.trials:
             return self.study
         with StudyProgress(self, enabled=self.options.progress) as progress:
-            self.study.optimize(
-                lambda t: self.objective_fn(t, on_image=progress.image_done),
-                n_trials=None,  # MaxTrialsCallback stops at `trials` finished, all workers counted
-                callbacks=[
-                    optuna.study.MaxTrialsCallback(self.trials, states=FINISHED),
-                    progress.trial_done,
-                ],
-                catch=(),
-            )
+            while True:
+                states = [t.state for t in self.study.get_trials(deepcopy=False)]
+                finished = sum(s in FINISHED for s in states)
+                if finished >= self.trials:
+                    break
+                active = sum(s in (TrialState.RUNNING, TrialState.WAITING) for s in states)
+                if finished + active >= self.trials and TrialState.WAITING not in states:
+                    optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial: retry it
+                    time.sleep(min(2.0, self.options.heartbeat / 2))
+                    continue
+                self.study.optimize(
+                    lambda t: self.objective_fn(t, on_image=progress.image_done),
+                    n_trials=1, callbacks=[progress.trial_done], catch=(SurplusTrial,),
+                )
         return self.study
+
+    def _check_not_surplus(self, trial: optuna.Trial) -> None:
+        """Fail a trial that racing workers started beyond `trials` (the lowest numbers win)."""
+        live = (*FINISHED, TrialState.RUNNING, TrialState.WAITING)
+        before = [t for t in self.study.get_trials(deepcopy=False, states=live) if t.number < trial.number]
+        if len(before) >= self.trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number} is beyond the study's {self.trials} trials")
+
+
+class SurplusTrial(Exception):
+    """Raised in a trial that another worker's trial made unnecessary."""
 
 
 def quiet_libraries() -> None:
@@ -257,5 +285,6 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # older transformers
         pass
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if not sys.warnoptions:
         warnings.filterwarnings("ignore", message=".*requires torchvision.*")
