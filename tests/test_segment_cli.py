@@ -55,3 +55,28 @@ def test_segment_errors_are_one_line(tmp_path, tiny_blip, capsys):
     assert main(["segment", "--config", str(tmp_path / "bad.yaml"), "--classes", "cat", "--out", "o",
                  str(tmp_path)]) == 2
     assert "invalid YAML" in capsys.readouterr().err
+
+
+def test_eval_matches_the_study_trials_miou(tmp_path, tiny_blip, tiny_clip, capsys):
+    """`tune eval` on the tuning images reproduces the mIoU the study recorded for its best trial."""
+    import json
+
+    import optuna
+    from conftest import write_spec
+
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=5, trials=2,
+                      tuning={"split": "val", "images": 5, "seed": 0}, dataset_options={})
+    storage = f"sqlite:///{tmp_path}/tune.db"
+    assert main(["run", "--study-file", str(spec), "--storage", storage, "--device", "cpu", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main(["export", "--study", "shapes-clip_margin", "--storage", storage,
+                 "-o", str(tmp_path / "best.yaml")]) == 0
+    study = optuna.load_study(study_name="shapes-clip_margin", storage=storage)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--config", str(tmp_path / "best.yaml"), "--dataset", "shapes", "--split", "val",
+                 "--images", "5", "--device", "cpu", "--no-progress", "-o", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 5 and set(result["iou_per_class"]) >= {"background", "circle"}
+    assert abs(result["miou"] - study.best_trial.user_attrs["miou"]) < 1e-9
+    assert "mIoU" in capsys.readouterr().out

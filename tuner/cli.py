@@ -61,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("objectives", help="list the registered objectives and the labels they use")
 
+    ev = sub.add_parser("eval", help="mIoU of an exported config on a labelled split")
+    ev.add_argument("--config", required=True, help="a SegmenterConfig YAML (from `tune export`)")
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--data-root", default=os.environ.get("OVSS_DATA"),
+                    help="dataset directory (default: $OVSS_DATA)")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--images", type=int, help="evaluate a seeded subset of this many images")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    ev.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("-o", "--output", default="eval.json", help="JSON file (default %(default)s)")
+    ev.add_argument("--no-progress", action="store_true")
+
     seg = sub.add_parser("segment", help="segment images with an exported config")
     seg.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     seg.add_argument("--config", required=True, help="a SegmenterConfig YAML (from `tune export`)")
@@ -223,6 +237,41 @@ def cmd_objectives(args, console: Console) -> int:
     return 0
 
 
+def cmd_eval(args, console: Console) -> int:
+    import json
+
+    from rich.progress import Progress
+
+    from segmenter import SegmenterConfig
+
+    from .datasets import load_dataset
+    from .evaluate import evaluate_config
+
+    config = SegmenterConfig.from_yaml(Path(args.config))
+    dataset = load_dataset(args.dataset, **({"root": args.data_root} if args.data_root else {}))
+    dataset.check_split(args.split)
+    total = min(args.images or len(dataset.ids(args.split)), len(dataset.ids(args.split)))
+    with Progress(console=Console(stderr=True), disable=args.no_progress) as progress:
+        task = progress.add_task(f"evaluating on {args.dataset}/{args.split}", total=total)
+        result = evaluate_config(
+            config, dataset, args.split, images=args.images, seed=args.seed,
+            device=None if args.device == "auto" else args.device, cache_dir=args.cache_dir,
+            batch_size=args.batch_size, on_image=lambda n: progress.update(task, completed=n),
+        )
+    result["config"] = str(args.config)
+    table = Table(title=f"{args.config} on {args.dataset}/{args.split} ({result['images']} images)")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for name, iou in result["iou_per_class"].items():
+        table.add_row(name, "-" if iou is None else f"{iou:.4f}")
+    console.print(table)
+    console.print(f"mIoU {result['miou']:.4f}   pixel accuracy {result['pixel_accuracy']:.4f}")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_segment(args, console: Console) -> int:
     from rich.progress import Progress
 
@@ -257,7 +306,7 @@ def _version() -> str:
 
 COMMANDS = {
     "run": cmd_run, "export": cmd_export, "show": cmd_show, "studies": cmd_studies,
-    "objectives": cmd_objectives, "segment": cmd_segment,
+    "objectives": cmd_objectives, "segment": cmd_segment, "eval": cmd_eval,
 }
 
 if __name__ == "__main__":

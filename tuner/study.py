@@ -22,7 +22,7 @@ from segmenter import SegmenterConfig, load_backend
 from .cache import MapCache, image_digest
 from .datasets import Dataset, load_dataset
 from .spec import StudySpec, config_from_params
-from .trial import MapProvider, TrialRunner, TuningImage
+from .trial import CandidatePicker, MapProvider, TrialRunner, TuningImage
 
 DEFAULT_STORAGE = "sqlite:///runs/tune.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -128,11 +128,11 @@ class StudyRunner:
         self.provider = MapProvider(self.backend, self.cache, options.batch_size)
         self.images = self._load_images()
         self.runner = TrialRunner(
-            self.dataset, self.images, self.provider, self.objective, self._candidates,
+            self.dataset, self.images, self.provider, self.objective,
+            CandidatePicker(self.dataset.vocabulary, self.backend, getattr(self.objective, "clip", None)),
             batch_size=options.batch_size,
             report="instance" if spec.pruner.get("type", "wilcoxon") == "wilcoxon" else "mean",
         )
-        self._candidate_memo: dict[tuple, tuple[str, ...]] = {}
         self._record_study_attrs()
 
     # -- setup -------------------------------------------------------------------------------------
@@ -195,20 +195,6 @@ class StudyRunner:
         for key, value in record.items():
             if key not in attrs:
                 self.study.set_user_attr(key, value)
-
-    def _candidates(self, config: SegmenterConfig, image: TuningImage) -> tuple[str, ...]:
-        key = (image.sample.id, config.candidates, config.candidates_topk, config.candidates_threshold)
-        if key not in self._candidate_memo:
-            from segmenter.candidates import select_candidates
-
-            self._candidate_memo[key] = tuple(select_candidates(
-                config.candidates, image.sample.image, self.dataset.vocabulary,
-                image_classes=image.sample.image_classes, backend=self.backend,
-                clip=getattr(self.objective, "clip", None), topk=config.candidates_topk,
-                threshold=config.candidates_threshold, prompt_prefix=config.prompt_prefix,
-                image_size=config.image_size,
-            ))
-        return self._candidate_memo[key]
 
     # -- running -----------------------------------------------------------------------------------
     def finished(self) -> int:

@@ -86,6 +86,35 @@ class MapProvider:
         return out
 
 
+class CandidatePicker:
+    """The candidate classes of an image under a config's rule, computed once per image and rule.
+
+    CLIP (for `clip_topk`) is the objective's when it has one, else loaded on first use.
+    """
+
+    def __init__(self, vocabulary: Sequence[str], backend: Backend, clip=None) -> None:
+        self.vocabulary, self.backend, self.clip = tuple(vocabulary), backend, clip
+        self._memo: dict[tuple, tuple[str, ...]] = {}
+
+    def __call__(self, config: SegmenterConfig, image: TuningImage) -> tuple[str, ...]:
+        from segmenter.candidates import select_candidates
+
+        key = (image.digest, config.candidates, config.candidates_topk, config.candidates_threshold,
+               config.prompt_prefix, config.image_size)
+        if key not in self._memo:
+            if config.candidates == "clip_topk" and self.clip is None:
+                from segmenter.clip import ClipScorer
+
+                self.clip = ClipScorer(config.candidates_model, device=self.backend.device)
+            self._memo[key] = tuple(select_candidates(
+                config.candidates, image.sample.image, self.vocabulary,
+                image_classes=image.sample.image_classes, backend=self.backend, clip=self.clip,
+                topk=config.candidates_topk, threshold=config.candidates_threshold,
+                prompt_prefix=config.prompt_prefix, image_size=config.image_size,
+            ))
+        return self._memo[key]
+
+
 class TrialRunner:
     """Evaluates configs over a fixed list of tuning images."""
 
@@ -94,7 +123,7 @@ class TrialRunner:
         dataset: Dataset,
         images: Sequence[TuningImage],
         provider: MapProvider,
-        objective: Objective,
+        objective: Objective | None,
         candidates: Callable[[SegmenterConfig, TuningImage], tuple[str, ...]],
         batch_size: int = 8,
         report: str = "instance",
@@ -128,6 +157,10 @@ class TrialRunner:
                 if confusion is not None:
                     pred = to_class_ids(label_map, names, self.dataset.class_names)
                     confusion += confusion_matrix(pred, im.sample.labels, n_eval, self.dataset.ignore_index)
+            if self.objective is None:  # evaluation only: labels, no objective
+                if on_image is not None:
+                    on_image(start + len(batch))
+                continue
             scores = np.asarray(self.objective.score(items), dtype=np.float64)
             for score in scores:
                 per_image.append(float(score))
@@ -142,7 +175,8 @@ class TrialRunner:
         metrics = {}
         if confusion is not None:
             metrics = _metrics_dict(miou(confusion), self.dataset.class_names)
-        return TrialOutcome(float(np.mean(per_image)), per_image, confusion, metrics)
+        value = float(np.mean(per_image)) if per_image else float("nan")
+        return TrialOutcome(value, per_image, confusion, metrics)
 
 
 def _metrics_dict(scores, class_names: Sequence[str]) -> dict:

@@ -1,0 +1,62 @@
+"""`tune eval`: the mIoU of one config on a labelled split, streamed in chunks of images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from objectives import miou, num_label_classes
+from segmenter import Backend, SegmenterConfig, load_backend
+
+from .cache import MapCache, image_digest
+from .datasets import Dataset
+from .study import config_hash, pick_tuning_ids
+from .trial import CandidatePicker, MapProvider, TrialRunner, TuningImage, _metrics_dict
+
+CHUNK = 64  # images held in memory at once
+
+
+def evaluate_config(
+    config: SegmenterConfig,
+    dataset: Dataset,
+    split: str,
+    *,
+    images: int | None = None,
+    seed: int = 0,
+    backend: Backend | None = None,
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 8,
+    on_image: Callable[[int], None] | None = None,
+) -> dict:
+    """mIoU, pixel accuracy and per-class IoU of `config` on `split` (a seeded subset of `images`)."""
+    if not dataset.has_labels:
+        raise ValueError(f"dataset {dataset.name!r} has no labels: evaluation needs a labelled dataset")
+    dataset.check_split(split)
+    ids = pick_tuning_ids(dataset, split, images, seed) if images else dataset.ids(split)
+    backend = backend or load_backend(config.backend, config.model, config.revision, device=device)
+    backend.check_layer_heads(config.layer, config.heads)
+    provider = MapProvider(backend, MapCache(cache_dir), batch_size)
+    picker = CandidatePicker(dataset.vocabulary, backend)
+    size = num_label_classes(dataset.class_names)
+    confusion = np.zeros((size, size), dtype=np.int64)
+    done = 0
+    for start in range(0, len(ids), CHUNK):
+        chunk = []
+        for sample_id in ids[start : start + CHUNK]:
+            sample = dataset.load(split, sample_id)
+            chunk.append(TuningImage(sample, image_digest(sample.image)))
+        runner = TrialRunner(dataset, chunk, provider, None, picker, batch_size=batch_size)
+        outcome = runner.evaluate(config, on_image=None if on_image is None else
+                                  (lambda n, base=done: on_image(base + n)))
+        confusion += outcome.confusion
+        done += len(chunk)
+    metrics = _metrics_dict(miou(confusion), dataset.class_names)
+    return {
+        "dataset": dataset.name, "split": split, "images": len(ids), "seed": seed,
+        "config_hash": config_hash(config), "candidate_rule": config.candidates,
+        "labels_used": "image-level" if config.uses_image_labels else "none",
+        **metrics,
+    }
