@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 DROPOUT_SCHEDULES = ("topk", "halving")
+BLUR_BACKENDS = ("scipy", "torch")
+CRF_BACKENDS = ("dense", "conv")
 BACKGROUND_RULES = ("always", "never", "auto")
 CANDIDATE_RULES = ("all", "clip_topk", "itm_threshold", "oracle")
 
@@ -52,6 +54,7 @@ class SegmenterConfig:
     background_min_classes: int = 3
     # 8. Gaussian blur: sigma = blur_sigma * max(H, W); 0 disables
     blur_sigma: float = 0.05
+    blur_backend: str = "scipy"  # "torch": the same blur on the segmenter's device (GPU)
     # 9. Dense CRF
     crf: bool = True
     crf_iterations: int = 10
@@ -60,6 +63,7 @@ class SegmenterConfig:
     crf_bilateral_sxy: float = 50.0
     crf_bilateral_srgb: float = 5.0
     crf_bilateral_compat: float = 10.0
+    crf_backend: str = "dense"  # "dense": pydensecrf (faithful); "conv": windowed CRF on the GPU
     # Candidate classes per image (which names the prompt lists)
     candidates: str = "all"
     candidates_topk: int = 5
@@ -119,6 +123,8 @@ class SegmenterConfig:
         need(self.background_min_classes >= 1, "background_min_classes", "must be at least 1")
         need(self.blur_sigma >= 0.0, "blur_sigma", "must be >= 0 (0 disables the blur)")
         need(self.crf_iterations >= 1, "crf_iterations", "must be at least 1")
+        need(self.blur_backend in BLUR_BACKENDS, "blur_backend", f"must be one of {', '.join(BLUR_BACKENDS)}")
+        need(self.crf_backend in CRF_BACKENDS, "crf_backend", f"must be one of {', '.join(CRF_BACKENDS)}")
         for name in ("crf_gaussian_sxy", "crf_bilateral_sxy", "crf_bilateral_srgb"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("crf_gaussian_compat", "crf_bilateral_compat"):

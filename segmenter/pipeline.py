@@ -22,6 +22,7 @@ from .candidates import candidate_indices
 from .clip import ClipScorer
 from .config import SegmenterConfig
 from .images import as_rgb_uint8
+from .refine import conv_crf, torch_gaussian_blur
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,17 @@ def add_background(maps: np.ndarray, rule: str, min_classes: int) -> tuple[np.nd
     return np.concatenate([background, maps]), True
 
 
-def gaussian_blur(channels: np.ndarray, sigma_factor: float) -> np.ndarray:
+def gaussian_blur(
+    channels: np.ndarray, sigma_factor: float, backend: str = "scipy", device=None
+) -> np.ndarray:
     """Step 8: blur every channel with sigma = factor x max(H, W), then min-max per channel."""
     if sigma_factor > 0:
         sigma = sigma_factor * max(channels.shape[1:])
-        channels = gaussian_filter(channels, sigma=(0, sigma, sigma), mode="nearest")
+        if backend == "torch":
+            x = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32)).to(device or "cpu")
+            channels = torch_gaussian_blur(x, sigma).cpu().numpy()
+        else:
+            channels = gaussian_filter(channels, sigma=(0, sigma, sigma), mode="nearest")
     lo = channels.min(axis=(1, 2), keepdims=True)
     span = channels.max(axis=(1, 2), keepdims=True) - lo
     # a constant channel (all background, say) keeps its value instead of collapsing to 0
@@ -141,17 +148,23 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, config: SegmenterConfig) -> 
     return np.asarray(crf.inference(config.crf_iterations), dtype=np.float32).reshape(n, h, w)
 
 
-def postprocess(image: np.ndarray, maps: np.ndarray, config: SegmenterConfig) -> np.ndarray:
-    """Steps 5-10 for one image: relevance maps [C, gh, gw] -> label map [H, W]."""
+def postprocess(image: np.ndarray, maps: np.ndarray, config: SegmenterConfig, device=None) -> np.ndarray:
+    """Steps 5-10 for one image: relevance maps [C, gh, gw] -> label map [H, W].
+
+    `device` serves the torch blur and the conv CRF (a GPU when there is one).
+    """
     height, width = image.shape[:2]
     channels = upsample(threshold_maps(maps, config.threshold), (height, width))  # [C, H, W]
     channels, has_background = add_background(
         channels, config.background, config.background_min_classes
     )
-    channels = gaussian_blur(channels, config.blur_sigma)
+    channels = gaussian_blur(channels, config.blur_sigma, config.blur_backend, device)
     probs = softmax(channels)
     if config.crf and probs.shape[0] > 1:
-        probs = dense_crf(image, probs, config)
+        if config.crf_backend == "conv":
+            probs = conv_crf(image, probs, config, device)
+        else:
+            probs = dense_crf(image, probs, config)
     labels = probs.argmax(axis=0).astype(np.int64)  # step 10
     return labels if has_background else labels + 1
 
@@ -168,10 +181,11 @@ class Segmenter:
         backend: Backend | None = None,
         batch_size: int = 8,
         clip: ClipScorer | None = None,
+        dtype: str | torch.dtype | None = "auto",
     ) -> None:
         self.config = config or SegmenterConfig()
         self.backend = backend or load_backend(
-            self.config.backend, self.config.model, self.config.revision, device=device
+            self.config.backend, self.config.model, self.config.revision, device=device, dtype=dtype
         )
         self.backend.check_layer_heads(self.config.layer, self.config.heads)
         self.backend.patch_grid(self.config.image_size)
@@ -263,7 +277,8 @@ class Segmenter:
             grid = self.backend.patch_grid(self.config.image_size)
             return SegmentationResult(np.zeros(image.shape[:2], dtype=np.int64),
                                       np.zeros((len(names), *grid), dtype=np.float32), names, ())
-        labels = postprocess(image, maps, self.config)  # [H, W]: 0 = bg, j = candidates[j - 1]
+        # [H, W]: 0 = background, j = candidates[j - 1]
+        labels = postprocess(image, maps, self.config, self.backend.device)
         if len(chosen) == len(names):
             return SegmentationResult(labels, maps, names, candidates)
         to_class = np.array([0, *(i + 1 for i in chosen)], dtype=np.int64)

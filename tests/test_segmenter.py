@@ -200,3 +200,45 @@ def test_local_directory_loads_with_from_pretrained_offline(tmp_path, rng):
     assert seg.segment(random_image(rng, 50, 50), ["sky"]).maps.shape == (1, 3, 3)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         Segmenter(SegmenterConfig(model=path, image_size=40, layer=1, heads=(0,)))
+
+
+def test_bfloat16_maps_match_float32_within_tolerance(tiny_blip, rng):
+    """The reduced-precision path used on GPUs keeps the maps (checked here on CPU)."""
+    images = [random_image(rng, 32, 32) for _ in range(3)]
+    config = SegmenterConfig(model=tiny_blip, image_size=32, layer=1, heads=(0, 1, 2, 3),
+                             dropout_rounds=1)
+    full = Segmenter(config, device="cpu", dtype="float32")
+    half = Segmenter(config, device="cpu", dtype="bfloat16")
+    assert half.backend.dtype == torch.bfloat16 and full.backend.dtype == torch.float32
+    for a, b in zip(full.relevance_maps(images, [CLASSES] * 3), half.relevance_maps(images, [CLASSES] * 3)):
+        scale = np.abs(a).max()
+        assert np.abs(a - b).max() <= 0.1 * scale  # bfloat16 keeps ~3 significant digits
+        # the ranking of patches, which thresholding and dropout act on, is kept
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_torch_blur_equals_scipy_blur(rng):
+    from segmenter.pipeline import gaussian_blur
+
+    channels = rng.random((3, 37, 52)).astype(np.float32)
+    channels[1] = 0.0  # a constant channel keeps its value
+    ours = gaussian_blur(channels, 0.05, backend="torch")
+    reference = gaussian_blur(channels, 0.05, backend="scipy")
+    np.testing.assert_allclose(ours, reference, atol=2e-5)
+
+
+def test_conv_crf_also_snaps_a_blurry_unary_to_the_colour_edge():
+    from segmenter.refine import conv_crf
+
+    height, width = 40, 60
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image[:, :30] = (220, 30, 30)
+    image[:, 30:] = (30, 30, 220)
+    ramp = 1.0 / (1.0 + np.exp(-(np.arange(width) - 40) / 6.0))
+    right = np.tile(ramp, (height, 1)).astype(np.float32)
+    probs = np.stack([1.0 - right, right])
+    after = conv_crf(image, probs, SegmenterConfig()).argmax(0)
+    assert (after[:, 32:40] == 1).all() and (after[:, :28] == 0).all()
+    # end to end through the config switch
+    config = SegmenterConfig(crf_backend="conv", blur_backend="torch")
+    assert SegmenterConfig.from_yaml(config.to_yaml()) == config

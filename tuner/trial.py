@@ -148,7 +148,7 @@ class TrialRunner:
             maps = self.provider.maps(config, batch, cands)
             items = []
             for im, names, m in zip(batch, cands, maps):
-                label_map = postprocess(im.sample.image, m, config)
+                label_map = postprocess(im.sample.image, m, config, self.provider.backend.device)
                 items.append(ScoreInput(
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
                     threshold=config.threshold, vocabulary=self.dataset.vocabulary,

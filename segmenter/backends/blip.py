@@ -1,6 +1,6 @@
 """`BlipBackend`: PnP-OVSS maps from transformers' `BlipForImageTextRetrieval` (ALGORITHM.md 1, 3).
 
-The performance design of DESIGN.md lives here: the vision encoder runs under `no_grad`; its
+The performance design of DESIGN.md lives here: the vision encoder runs under `inference_mode`; its
 output is the only tensor that requires grad, so autograd records the text encoder alone; the
 gradient of the ITM match logit is asked for the captured cross-attention probabilities only
 (`torch.autograd.grad`), so no parameter gradient is ever computed and the backward pass stops at
@@ -30,6 +30,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto"/None: bfloat16 on a CUDA GPU that supports it (else float16), float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_error(kind: str, model: str, err: Exception) -> OSError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return OSError(
@@ -48,12 +64,13 @@ class BlipBackend(Backend):
         model: str = "Salesforce/blip-itm-large-flickr",
         revision: str | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype | None = "auto",
     ) -> None:
         from transformers import AutoProcessor, BlipForImageTextRetrieval
 
         self.model_id, self.revision = str(model), revision
-        self.device, self.dtype = resolve_device(device), dtype
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         path = resolve_model_path(self.model_id)
         try:
             net = BlipForImageTextRetrieval.from_pretrained(path, revision=revision)
@@ -64,7 +81,7 @@ class BlipBackend(Backend):
         except (OSError, ValueError) as err:
             raise load_error("BLIP processor", self.model_id, err) from None
         net.requires_grad_(False)
-        self.model = net.eval().to(self.device, dtype)
+        self.model = net.eval().to(self.device, self.dtype)
         self.tokenizer = processor.tokenizer
         image_processor = processor.image_processor
         self._mean = torch.tensor(image_processor.image_mean, device=self.device).view(1, 3, 1, 1)
@@ -124,12 +141,13 @@ class BlipBackend(Backend):
             keep = (~dropped.to(self.device)).view(batch, 1, gh, gw).to(pixel_values.dtype)
             keep = keep.repeat_interleave(self._patch, 2).repeat_interleave(self._patch, 3)
             pixel_values = pixel_values * keep
-        with torch.no_grad():
+        with torch.inference_mode():
             image_embeds = self.model.vision_model(
                 pixel_values=pixel_values.to(self.device, self.dtype),
                 interpolate_pos_encoding=size != self._native_size,
             ).last_hidden_state  # [B, 1 + gh*gw, D]
-        image_embeds = image_embeds.detach().requires_grad_(True)
+        # an ordinary tensor (inference tensors cannot enter autograd): the graph's only leaf
+        image_embeds = image_embeds.clone().requires_grad_(True)
         tokens, class_weights = self._tokenize(prompts)  # class_weights: [B, C_max, T]
 
         captured: dict[int, torch.Tensor] = {}
