@@ -3,8 +3,9 @@
 `blur_backend: torch` gives the same blur as scipy's `gaussian_filter(mode="nearest",
 truncate=4)` on any torch device. `crf_backend: conv` is a mean-field CRF with the dense CRF's
 Gaussian and bilateral kernels restricted to a local (for the bilateral kernel, dilated)
-window (in the spirit of ConvCRF, Teichmann & Cipolla 2018), run on a copy of the image downscaled to at most `CONV_MAX_SIDE` pixels; it approximates the
-faithful pydensecrf CRF and runs on the GPU.
+window (in the spirit of ConvCRF, Teichmann & Cipolla 2018), run on a copy of the image
+downscaled to at most `CONV_MAX_SIDE` pixels; it approximates the faithful pydensecrf CRF and
+runs on the GPU.
 """
 
 from __future__ import annotations
