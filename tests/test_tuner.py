@@ -175,3 +175,18 @@ def test_bad_input_gives_one_line_errors(tmp_path, tiny_blip, tiny_clip, capsys)
     assert "no study 'x'" in capsys.readouterr().err
     assert main(["run", "--study-file", str(tmp_path / "missing.yaml")]) == 2
     assert "study file not found" in capsys.readouterr().err
+
+
+def test_worker_processes_give_the_same_trials(tmp_path, tiny_blip, tiny_clip):
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=4, trials=2)
+    values = {}
+    for workers in (0, 2):
+        options = RunOptions(storage=f"sqlite:///{tmp_path}/tune.db", study_name=f"w{workers}", device="cpu",
+                             cache_dir=str(tmp_path / "cache"), progress=False, workers=workers)
+        runner = StudyRunner(load_spec(spec), options)
+        try:
+            runner.run()
+        finally:
+            runner.close()
+        values[workers] = [(t.value, t.user_attrs["miou"]) for t in runner.study.trials]
+    assert values[0] == values[2]

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="recompute every map (same values)")
     run.add_argument("--batch-size", type=int, default=8, help="images per model batch")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--workers", type=int, default=0,
+                     help="processes for the CPU post-processing (dense CRF, blur); 0 = none")
     run.add_argument("--heartbeat", type=int, default=30,
                      help="seconds between worker heartbeats on a database storage; a trial silent "
                           "for 3 heartbeats is failed and retried (default %(default)s)")
@@ -127,12 +129,16 @@ def cmd_run(args, console: Console) -> int:
         device=None if args.device == "auto" else args.device, seed=args.seed,
         cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
         data_root=args.data_root, progress=not args.no_progress, heartbeat=args.heartbeat,
+        workers=args.workers,
     )
     if options.trials is not None and options.trials < 1:
         raise ValueError("--trials must be at least 1")
     runner = StudyRunner(spec, options)
     before = runner.finished()
-    study = runner.run()
+    try:
+        study = runner.run()
+    finally:
+        runner.close()
     ran = runner.finished() - before
     console.print(f"study [bold]{runner.name}[/] in {args.storage}: {runner.finished()} finished trials"
                   f" ({ran} run now); map cache {runner.cache.hits} hits, {runner.cache.misses} misses")

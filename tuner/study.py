@@ -93,6 +93,7 @@ class RunOptions:
     data_root: str | None = None
     progress: bool = True
     heartbeat: int = 30
+    workers: int = 0  # processes for post-processing (0: in the main process)
 
 
 class StudyRunner:
@@ -130,7 +131,7 @@ class StudyRunner:
         self.runner = TrialRunner(
             self.dataset, self.images, self.provider, self.objective,
             CandidatePicker(self.dataset.vocabulary, self.backend, getattr(self.objective, "clip", None)),
-            batch_size=options.batch_size,
+            batch_size=options.batch_size, pool=self._make_pool(options.workers),
             report="instance" if spec.pruner.get("type", "wilcoxon") == "wilcoxon" else "mean",
         )
         self._record_study_attrs()
@@ -142,6 +143,20 @@ class StudyRunner:
             direction="maximize", sampler=self.spec.make_sampler(self.seed),
             pruner=self.spec.make_pruner(),
         )
+
+    @staticmethod
+    def _make_pool(workers: int):
+        if workers <= 1:
+            return None
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def close(self) -> None:
+        """Stop the post-processing worker processes."""
+        if self.runner.pool is not None:
+            self.runner.pool.shutdown()
 
     def _check_space_against_model(self) -> None:
         """Every layer and head the search space can pick must exist in the model (fail early)."""

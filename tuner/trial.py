@@ -8,7 +8,9 @@ dropped patches depend on the heads, and the entry is keyed by them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import optuna
@@ -127,10 +129,20 @@ class TrialRunner:
         candidates: Callable[[SegmenterConfig, TuningImage], tuple[str, ...]],
         batch_size: int = 8,
         report: str = "instance",
+        pool: Executor | None = None,
     ) -> None:
         self.dataset, self.images, self.provider = dataset, list(images), provider
         self.objective, self.candidates, self.batch_size = objective, candidates, batch_size
         self.report = report  # "instance": per-image values (Wilcoxon); "mean": running mean
+        self.pool = pool  # worker processes for the CPU post-processing (the dense CRF holds the GIL)
+
+    def label_maps(self, config: SegmenterConfig, batch: Sequence[TuningImage], maps) -> list[np.ndarray]:
+        """Steps 5-10 for a batch: in worker processes when there are some and the work is on CPU."""
+        images = [im.sample.image for im in batch]
+        if self.pool is None or config.blur_backend == "torch" or config.crf_backend == "conv":
+            device = self.provider.backend.device
+            return [postprocess(image, m, config, device) for image, m in zip(images, maps)]
+        return list(self.pool.map(postprocess, images, maps, repeat(config, len(images))))
 
     def evaluate(
         self,
@@ -147,8 +159,7 @@ class TrialRunner:
             cands = [self.candidates(config, im) for im in batch]
             maps = self.provider.maps(config, batch, cands)
             items = []
-            for im, names, m in zip(batch, cands, maps):
-                label_map = postprocess(im.sample.image, m, config, self.provider.backend.device)
+            for im, names, m, label_map in zip(batch, cands, maps, self.label_maps(config, batch, maps)):
                 items.append(ScoreInput(
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
                     threshold=config.threshold, vocabulary=self.dataset.vocabulary,
