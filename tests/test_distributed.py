@@ -53,7 +53,7 @@ def postgres_url():
         port = s.getsockname()[1]
     subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
                    check=True, capture_output=True)
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=50"
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=300"
     subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options,
                                  "-l", str(root / "log"), "-w", "start"]), check=True, capture_output=True)
     try:

@@ -22,6 +22,8 @@ def _storage_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data_cli import add_data_commands
+
     parser = argparse.ArgumentParser(prog="tune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ovss-tune {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="recompute every map (same values)")
     run.add_argument("--batch-size", type=int, default=8, help="images per model batch")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
     run.add_argument("--workers", type=int, default=0,
                      help="processes for the CPU post-processing (dense CRF, blur); 0 = none")
     run.add_argument("--heartbeat", type=int, default=30,
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_arg(studies)
 
     sub.add_parser("objectives", help="list the registered objectives and the labels they use")
+
+    add_data_commands(sub)
 
     ev = sub.add_parser("eval", help="mIoU of an exported config on a labelled split")
     ev.add_argument("--config", required=True, help="a SegmenterConfig YAML (from `tune export`)")
@@ -129,7 +134,7 @@ def cmd_run(args, console: Console) -> int:
         device=None if args.device == "auto" else args.device, seed=args.seed,
         cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
         data_root=args.data_root, progress=not args.no_progress, heartbeat=args.heartbeat,
-        workers=args.workers,
+        workers=args.workers, strict=args.strict,
     )
     if options.trials is not None and options.trials < 1:
         raise ValueError("--trials must be at least 1")
@@ -243,6 +248,12 @@ def cmd_objectives(args, console: Console) -> int:
     return 0
 
 
+def cmd_data(args, console: Console) -> int:
+    from .data_cli import cmd_data as run_data_command
+
+    return run_data_command(args, console)
+
+
 def cmd_eval(args, console: Console) -> int:
     import json
 
@@ -313,6 +324,7 @@ def _version() -> str:
 COMMANDS = {
     "run": cmd_run, "export": cmd_export, "show": cmd_show, "studies": cmd_studies,
     "objectives": cmd_objectives, "segment": cmd_segment, "eval": cmd_eval,
+    "data": cmd_data,
 }
 
 if __name__ == "__main__":

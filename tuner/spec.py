@@ -58,7 +58,7 @@ class StudySpec:
     objective: str = "clip_reward"
     objective_options: dict[str, Any] = field(default_factory=dict)
     dataset_options: dict[str, Any] = field(default_factory=dict)
-    tuning_split: str = "train"
+    tuning_split: str = "auto"  # a split disjoint from eval_split (datasets.tuning_split)
     tuning_images: int = 32
     tuning_seed: int = 0
     eval_split: str = "val"
@@ -225,7 +225,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
         objective=str(data.get("objective", "clip_reward")),
         objective_options=dict(data.get("objective_options") or {}),
         dataset_options=dict(data.get("dataset_options") or {}),
-        tuning_split=str(tuning.get("split", "train")), tuning_images=int(tuning.get("images", 32)),
+        tuning_split=str(tuning.get("split", "auto")), tuning_images=int(tuning.get("images", 32)),
         tuning_seed=int(tuning.get("seed", 0)), eval_split=str(data.get("eval_split", "val")),
         sampler=dict(sampler), pruner=dict(pruner), trials=trials, name=data.get("name"),
     )

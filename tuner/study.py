@@ -20,7 +20,7 @@ from objectives import get_objective
 from segmenter import SegmenterConfig, load_backend
 
 from .cache import MapCache, image_digest
-from .datasets import Dataset, load_dataset
+from .datasets import Dataset, disjoint_splits, iter_samples, load_dataset
 from .spec import StudySpec, config_from_params
 from .trial import CandidatePicker, MapProvider, TrialRunner, TuningImage
 
@@ -94,6 +94,7 @@ class RunOptions:
     progress: bool = True
     heartbeat: int = 30
     workers: int = 0  # processes for post-processing (0: in the main process)
+    strict: bool = False  # a corrupt tuning image fails the run instead of being skipped
 
 
 class StudyRunner:
@@ -111,10 +112,16 @@ class StudyRunner:
         if options.data_root:
             dataset_options["root"] = options.data_root
         self.dataset = load_dataset(spec.dataset, **dataset_options)
-        self.dataset.check_split(spec.tuning_split)
+        # tuning and evaluation images are disjoint unless a spec names both splits itself
+        if spec.tuning_split == "auto":
+            self.tuning_split, self.eval_split = disjoint_splits(self.dataset, spec.eval_split)
+        else:
+            self.tuning_split, self.eval_split = spec.tuning_split, spec.eval_split
+        self.tuning_split = self.study.user_attrs.get("tuning_split", self.tuning_split)
+        self.dataset.check_split(self.tuning_split)
         recorded = self.study.user_attrs.get("tuning_ids")
         count = options.images or spec.tuning_images
-        self.tuning_ids = recorded or pick_tuning_ids(self.dataset, spec.tuning_split, count, self.seed)
+        self.tuning_ids = recorded or pick_tuning_ids(self.dataset, self.tuning_split, count, self.seed)
         if recorded and options.images and options.images != len(recorded):
             raise ValueError(
                 f"study {self.name!r} tunes on {len(recorded)} images; --images {options.images} "
@@ -172,10 +179,13 @@ class StudyRunner:
         self.backend.patch_grid(fixed.image_size)
 
     def _load_images(self) -> list[TuningImage]:
-        images = []
-        for sample_id in self.tuning_ids:
-            sample = self.dataset.load(self.spec.tuning_split, sample_id)
-            images.append(TuningImage(sample, image_digest(sample.image)))
+        """The tuning samples; corrupt images are skipped with a warning (an error with --strict)."""
+        stream = iter_samples(self.dataset, self.tuning_split, self.tuning_ids, strict=self.options.strict)
+        images = [TuningImage(sample, image_digest(sample.image)) for sample in stream]
+        self.skipped = stream.skipped
+        if not images:
+            raise ValueError(f"none of the {len(self.tuning_ids)} tuning images could be read")
+        self.tuning_ids = [im.sample.id for im in images]
         return images
 
     def _record_study_attrs(self) -> None:
@@ -189,9 +199,10 @@ class StudyRunner:
         record: dict[str, Any] = {
             "dataset": self.spec.dataset,
             "dataset_options": {k: str(v) for k, v in self.spec.dataset_options.items()},
-            "tuning_split": self.spec.tuning_split,
+            "tuning_split": self.tuning_split,
+            "skipped_images": [f"{i}: {why}" for i, why in self.skipped],
             "tuning_ids": self.tuning_ids,
-            "eval_split": self.spec.eval_split,
+            "eval_split": self.eval_split,
             "seed": self.seed,
             "objective": self.spec.objective,
             "objective_labels": self.objective.labels,

@@ -1,11 +1,24 @@
-"""The `Dataset` seam: samples (image, id, optional labels), class names, ignore index, splits."""
+"""The `Dataset` seam: samples (image, id, optional labels), class names, ignore index, splits.
+
+Every dataset also answers two pseudo-splits per split, a seeded held-out partition of its ids:
+`"<split>:tune"` (a share `tune_fraction` of them) and `"<split>:eval"` (the rest). Membership
+of an id depends only on the id and `split_seed`, so it is stable when images are added, and
+the two parts never overlap. `ids()` and `load()` of every subclass accept them.
+"""
 
 from __future__ import annotations
 
 import abc
+import functools
+import hashlib
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+#: suffixes of the pseudo-splits: "<split>:tune" and "<split>:eval"
+PARTS = ("tune", "eval")
 
 
 @dataclass(frozen=True)
@@ -18,6 +31,96 @@ class Sample:
     image_classes: tuple[str, ...] | None = None  # names of the classes present (image-level)
 
 
+class CorruptImage(ValueError):
+    """An image (or its annotation file) exists but cannot be decoded; `path` names the file."""
+
+    def __init__(self, path, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(f"cannot read {self.path}: {reason}")
+
+    def __reduce__(self):  # picklable across worker processes
+        return type(self), (self.path, self.reason)
+
+
+class MissingAnnotation(FileNotFoundError):
+    """An image has no annotation file where the layout puts it."""
+
+    def __init__(self, dataset: str, sample_id: str, expected) -> None:
+        self.dataset, self.sample_id, self.expected = dataset, sample_id, str(expected)
+        super().__init__(f"no annotation for image {sample_id!r} of dataset {dataset!r}: expected {expected}")
+
+    def __reduce__(self):
+        return type(self), (self.dataset, self.sample_id, self.expected)
+
+
+class LayoutError(ValueError):
+    """A dataset directory does not have the expected layout.
+
+    `problem` says what is wrong, `hint` what to run (the message is both), `expected` is the
+    tree the dataset needs (printed by `tune data check`).
+    """
+
+    def __init__(self, problem: str, expected: str = "", hint: str = "") -> None:
+        self.problem, self.expected, self.hint = problem, expected, hint
+        super().__init__(f"{problem}: {hint}" if hint else problem)
+
+    def __reduce__(self):
+        return type(self), (self.problem, self.expected, self.hint)
+
+
+class SkippedImageWarning(UserWarning):
+    """A corrupt image was skipped by `iter_samples`."""
+
+
+def split_parts(split: str) -> tuple[str, str | None]:
+    """("val", "tune") for "val:tune"; ("val", None) for a plain split."""
+    base, sep, part = split.rpartition(":")
+    return (base, part) if sep and part in PARTS else (split, None)
+
+
+def partition_score(sample_id: str, seed: int) -> float:
+    """A deterministic number in [0, 1) for an id: ids below `tune_fraction` are tuning ids."""
+    digest = hashlib.blake2b(f"{seed}\0{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def partition_ids(ids: Sequence[str], part: str, fraction: float, seed: int) -> list[str]:
+    """The ids of one part ("tune" or "eval") of a seeded held-out partition, in their order.
+
+    With two or more ids neither part is empty: the id with the lowest score always tunes and
+    the one with the highest always evaluates.
+    """
+    if part not in PARTS:
+        raise ValueError(f"unknown partition {part!r}: use one of {', '.join(PARTS)}")
+    scores = {i: partition_score(i, seed) for i in ids}
+    tune = {i for i, s in scores.items() if s < fraction}
+    if len(scores) >= 2:
+        tune.add(min(scores, key=scores.get))
+        tune.discard(max(scores, key=scores.get))
+    return [i for i in ids if (i in tune) == (part == "tune")]
+
+
+def _accepts_pseudo_splits(method, kind: str):
+    """Wrap a subclass's `ids` / `load` so "<split>:tune|eval" resolve to the split's partition."""
+    if getattr(method, "_pseudo_splits", False):
+        return method
+
+    if kind == "ids":
+        @functools.wraps(method)
+        def wrapper(self, split: str):
+            base, part = split_parts(split)
+            if part is None:
+                return method(self, split)
+            return partition_ids(method(self, base), part, self.tune_fraction, self.split_seed)
+    else:
+        @functools.wraps(method)
+        def wrapper(self, split: str, sample_id: str):
+            return method(self, split_parts(split)[0], sample_id)
+
+    wrapper._pseudo_splits = True
+    return wrapper
+
+
 class Dataset(abc.ABC):
     """A benchmark or image folder. Class id i is `class_names[i]`."""
 
@@ -25,6 +128,15 @@ class Dataset(abc.ABC):
     ignore_index: int = 255
     #: True when class id 0 is a real "background" class of the benchmark
     has_background: bool = False
+    #: share of a split's ids in its "<split>:tune" pseudo-split, and the partition's seed
+    tune_fraction: float = 0.2
+    split_seed: int = 0
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for kind in ("ids", "load"):
+            if kind in cls.__dict__ and not getattr(cls.__dict__[kind], "__isabstractmethod__", False):
+                setattr(cls, kind, _accepts_pseudo_splits(cls.__dict__[kind], kind))
 
     @property
     @abc.abstractmethod
@@ -39,6 +151,11 @@ class Dataset(abc.ABC):
     @property
     def has_labels(self) -> bool:
         return True
+
+    @property
+    def synonyms(self) -> tuple[tuple[str, ...], ...]:
+        """Other names of each class by class id (the dataset's own spelling, text expansions)."""
+        return tuple(() for _ in self.class_names)
 
     @abc.abstractmethod
     def ids(self, split: str) -> list[str]:
@@ -58,8 +175,48 @@ class Dataset(abc.ABC):
         return self.class_names.index(name)
 
     def check_split(self, split: str) -> None:
-        if split not in self.splits:
+        """Fail unless `split` is one of `splits` or a pseudo-split "<split>:tune|eval" of one."""
+        if split_parts(split)[0] not in self.splits:
+            available = ", ".join(self.splits) if self.splits else "none"
             raise ValueError(
                 f"dataset {self.name!r} has no split {split!r}: available splits are "
-                f"{', '.join(self.splits)}"
+                f"{available} (or <split>:tune / <split>:eval, a held-out partition of one)"
             )
+
+    def present_classes(self, labels: np.ndarray) -> tuple[str, ...]:
+        """Names of the non-background classes in a label map (image-level labels), by id."""
+        values = np.unique(labels)
+        first = 1 if self.has_background else 0
+        names = self.class_names
+        return tuple(names[v] for v in values if first <= v < len(names) and v != self.ignore_index)
+
+
+class SampleStream:
+    """Samples of some ids of a split; corrupt images are skipped and listed in `skipped`.
+
+    With `strict=True` the first corrupt image raises its `CorruptImage` instead. A missing
+    annotation or image file is a layout problem and always raises.
+    """
+
+    def __init__(self, dataset: Dataset, split: str, ids: Iterable[str], strict: bool = False) -> None:
+        self.dataset, self.split, self.ids, self.strict = dataset, split, ids, strict
+        self.skipped: list[tuple[str, str]] = []  # (sample id, reason)
+        self.loaded = 0
+
+    def __iter__(self) -> Iterator[Sample]:
+        for sample_id in self.ids:
+            try:
+                sample = self.dataset.load(self.split, sample_id)
+            except CorruptImage as err:
+                if self.strict:
+                    raise
+                self.skipped.append((sample_id, str(err)))
+                warnings.warn(f"skipped image {sample_id!r}: {err}", SkippedImageWarning, stacklevel=2)
+                continue
+            self.loaded += 1
+            yield sample
+
+
+def iter_samples(dataset: Dataset, split: str, ids: Iterable[str], strict: bool = False) -> SampleStream:
+    """Iterate the samples of `ids`, skipping (and counting, with a warning) corrupt images."""
+    return SampleStream(dataset, split, ids, strict=strict)

@@ -7,6 +7,7 @@ pixel masks (0 = background) and image-level labels.
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 from skimage.draw import disk, polygon
@@ -15,6 +16,8 @@ from ._base import Dataset, Sample
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon")
 SPLIT_SIZES = {"train": 2000, "val": 200, "test": 200}
+BUNDLED_MODELS = ("blip", "clip")
+TRAIN_COMMAND = "python tools/train_shapes_models.py && python tools/shapes_model_card.py"
 
 
 def _regular_polygon(cy, cx, radius, sides, phase, inner=None):
@@ -131,3 +134,16 @@ class ShapesDataset(Dataset):
         image, mask = render_shapes(self.scene_seed(split, index), self.size)
         present = tuple(SHAPE_CLASSES[c - 1] for c in np.unique(mask) if c > 0)
         return Sample(id=sample_id, image=image, labels=mask, image_classes=present)
+
+
+def bundled_model_path(kind: str) -> str:
+    """Directory of the tiny shapes-world model shipped in the package: "blip" (ITM) or "clip".
+
+    It loads with `from_pretrained(path)` offline; see shapes_models/MODEL_CARD.md.
+    """
+    if kind not in BUNDLED_MODELS:
+        raise ValueError(f"unknown bundled model {kind!r}: choose one of {', '.join(BUNDLED_MODELS)}")
+    path = Path(__file__).resolve().parent / "shapes_models" / kind
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the bundled {kind} model is missing at {path}: run `{TRAIN_COMMAND}`")
+    return str(path)
