@@ -19,7 +19,7 @@ WORDS = [
 ]
 
 
-def save_tiny_blip(path, *, text_layers=3, heads=4, image_size=32, patch=8, seed=0) -> str:
+def save_tiny_blip(path, *, text_layers=3, heads=4, image_size=32, patch=8, seed=0, hidden=32) -> str:
     """A randomly initialised BlipForImageTextRetrieval + processor, saved with save_pretrained."""
     from transformers import (
         BertTokenizer,
@@ -33,12 +33,12 @@ def save_tiny_blip(path, *, text_layers=3, heads=4, image_size=32, patch=8, seed
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
     config = BlipConfig(
         text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=text_layers,
+            vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=text_layers,
             num_attention_heads=heads, intermediate_size=64, max_position_embeddings=64,
             pad_token_id=0, bos_token_id=2, sep_token_id=3, initializer_range=0.2,
         ),
         vision_config=dict(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
             image_size=image_size, patch_size=patch, initializer_range=0.2,
         ),
         image_text_hidden_size=16, initializer_range=0.2,

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trials", type=int, help="finished trials the study should have")
     run.add_argument("--objective", help="objective name (see `tune objectives`)")
     run.add_argument("--images", type=int, help="number of tuning images")
+    run.add_argument("--model", help="BLIP ITM model id or directory (overrides the spec's)")
+    run.add_argument("--clip-model", help="CLIP model id or directory for the objective and candidates")
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     run.add_argument("--seed", type=int, help="sampler and tuning-subset seed (recorded in the study)")
     run.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
@@ -129,6 +131,11 @@ def cmd_run(args, console: Console) -> int:
         spec = spec.replace(dataset=args.dataset)
     if args.objective:
         spec = spec.replace(objective=args.objective)
+    if args.model:
+        spec = spec.replace(fixed=spec.fixed.replace(model=args.model))
+    if args.clip_model:
+        spec = spec.replace(fixed=spec.fixed.replace(candidates_model=args.clip_model),
+                            objective_options={**spec.objective_options, "clip_model": args.clip_model})
     options = RunOptions(
         storage=args.storage, study_name=args.study, trials=args.trials, images=args.images,
         device=None if args.device == "auto" else args.device, seed=args.seed,
