@@ -22,6 +22,7 @@ def _storage_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .audit import add_audit_command
     from .data_cli import add_data_commands
 
     parser = argparse.ArgumentParser(prog="tune", description=__doc__)
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("objectives", help="list the registered objectives and the labels they use")
 
     add_data_commands(sub)
+    add_audit_command(sub)
 
     ev = sub.add_parser("eval", help="mIoU of an exported config on a labelled split")
     ev.add_argument("--config", required=True, help="a SegmenterConfig YAML (from `tune export`)")
@@ -255,6 +257,12 @@ def cmd_objectives(args, console: Console) -> int:
     return 0
 
 
+def _audit(args, console: Console) -> int:
+    from .audit import cmd_audit
+
+    return cmd_audit(args, console)
+
+
 def cmd_data(args, console: Console) -> int:
     from .data_cli import cmd_data as run_data_command
 
@@ -331,7 +339,7 @@ def _version() -> str:
 COMMANDS = {
     "run": cmd_run, "export": cmd_export, "show": cmd_show, "studies": cmd_studies,
     "objectives": cmd_objectives, "segment": cmd_segment, "eval": cmd_eval,
-    "data": cmd_data,
+    "data": cmd_data, "audit": _audit,
 }
 
 if __name__ == "__main__":

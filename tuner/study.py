@@ -215,6 +215,7 @@ class StudyRunner:
                 "revision": fixed.revision or getattr(self.backend.model.config, "_commit_hash", None),
                 **{k: str(v) for k, v in self.spec.objective_options.items()},
             },
+            "objective_options": dict(self.spec.objective_options),
             "spec": self.spec.source,
             "fixed": fixed.to_dict(),
         }
@@ -234,7 +235,7 @@ class StudyRunner:
         trial.set_user_attr("labels_used", "image-level" if config.uses_image_labels else "none")
         outcome = self.runner.evaluate(config, trial, on_image=on_image)
         values = np.asarray(outcome.per_image)
-        trial.set_user_attr("objective_per_image", [round(v, 6) for v in outcome.per_image])
+        trial.set_user_attr("objective_per_image", [float(v) for v in outcome.per_image])
         trial.set_user_attr("objective_summary", {
             "mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
             "max": float(values.max()), "images": int(values.size),

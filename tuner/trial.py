@@ -164,6 +164,7 @@ class TrialRunner:
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
                     threshold=config.threshold, vocabulary=self.dataset.vocabulary,
                     image_classes=im.sample.image_classes, label_names=self.dataset.class_names,
+                    labels=im.sample.labels if self.objective and self.objective.labels == "pixel" else None,
                 ))
                 if confusion is not None:
                     pred = to_class_ids(label_map, names, self.dataset.class_names)

@@ -1,0 +1,174 @@
+"""Re-evaluating a recorded study's configs image by image, for `tune audit`.
+
+A study stores each trial's objective per image but only the summed segmentation metrics, and
+an audit needs per-image counts (to resample images) and predicted mask areas. This rebuilds
+what `tune run` built (dataset, backend, objective, map cache) from the study's own records and
+runs the same steps as `TrialRunner.evaluate`, keeping every image's result. With a warm map
+cache no vision-language model runs: only post-processing, the objective and the counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import yaml
+
+from objectives import ScoreInput, confusion_matrix, get_objective, num_label_classes, to_class_ids
+from segmenter import SegmenterConfig, load_backend, postprocess
+
+from ._audit_stats import counts_from_confusion
+from .cache import MapCache, image_digest
+from .datasets import Dataset, iter_samples, load_dataset
+from .trial import CandidatePicker, MapProvider, TuningImage
+
+#: keys of the study attr "models" that describe the segmenter; the rest are objective options
+_MODEL_KEYS = ("backend", "model", "revision")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images of one dataset split, loaded once, in a fixed order."""
+
+    dataset: Dataset
+    split: str
+    images: list[TuningImage]
+    skipped: tuple[tuple[str, str], ...] = ()  # (id, reason) of corrupt images left out
+
+    @property
+    def ids(self) -> list[str]:
+        return [im.sample.id for im in self.images]
+
+    @property
+    def labelled(self) -> bool:
+        return self.dataset.has_labels and all(im.sample.labels is not None for im in self.images)
+
+    def true_foreground(self) -> float | None:
+        """Share of labelled pixels that are not the benchmark's background (None without one)."""
+        if not self.labelled or not self.dataset.has_background:
+            return None
+        labelled = fg = 0
+        for im in self.images:
+            keep = im.sample.labels != self.dataset.ignore_index
+            labelled += int(keep.sum())
+            fg += int((keep & (im.sample.labels != 0)).sum())
+        return fg / labelled if labelled else None
+
+
+@dataclass(frozen=True)
+class PerImage:
+    """One config on one image set, image by image."""
+
+    objective: np.ndarray  # [n] objective per image
+    foreground: np.ndarray  # [n] share of pixels given a class (not background)
+    counts: np.ndarray | None  # [n, 3, K] tp, gt, pred pixels per class id; None without labels
+
+
+def recorded_objective_options(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The objective's options as the study recorded them (strings in "models", typed back by YAML)."""
+    if isinstance(attrs.get("objective_options"), dict):  # stored as they were, when a study has them
+        return dict(attrs["objective_options"])
+    return {k: _typed(v) for k, v in (attrs.get("models") or {}).items() if k not in _MODEL_KEYS}
+
+
+def _typed(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value == "None":
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+class Reevaluator:
+    """The models, datasets and map cache of a recorded study, to evaluate configs image by image."""
+
+    def __init__(
+        self,
+        attrs: dict[str, Any],
+        *,
+        device: str | None = None,
+        cache_dir: str | None = "runs/cache",
+        batch_size: int = 8,
+        data_root: str | None = None,
+    ) -> None:
+        missing = [k for k in ("dataset", "fixed", "objective") if k not in attrs]
+        if missing:
+            raise ValueError(f"the study records no {missing[0]!r} (not made by `tune run`): its configs "
+                             "cannot be re-evaluated")
+        self.attrs, self.data_root, self.batch_size = attrs, data_root, batch_size
+        self.fixed = SegmenterConfig.from_dict(attrs["fixed"])
+        self.backend = load_backend(self.fixed.backend, self.fixed.model, self.fixed.revision, device=device)
+        self.objective = get_objective(attrs["objective"], device=str(self.backend.device),
+                                       **recorded_objective_options(attrs))
+        self.cache = MapCache(cache_dir)
+        self.provider = MapProvider(self.backend, self.cache, batch_size)
+        self._datasets: dict[str, Dataset] = {}
+        self._pickers: dict[str, CandidatePicker] = {}
+
+    def dataset(self, name: str) -> Dataset:
+        if name not in self._datasets:
+            options: dict[str, Any] = {}
+            if name == self.attrs["dataset"]:
+                options = {k: _typed(v) for k, v in (self.attrs.get("dataset_options") or {}).items()}
+            if self.data_root:
+                options["root"] = self.data_root
+            self._datasets[name] = load_dataset(name, **options)
+        return self._datasets[name]
+
+    def image_set(self, dataset: str, split: str, ids: Sequence[str]) -> ImageSet:
+        ds = self.dataset(dataset)
+        ds.check_split(split)
+        stream = iter_samples(ds, split, ids)  # corrupt images are skipped, as `tune run` does
+        images = [TuningImage(sample, image_digest(sample.image)) for sample in stream]
+        if not images:
+            raise ValueError(f"none of the {len(ids)} images of {dataset}/{split} could be read")
+        return ImageSet(ds, split, images, tuple(stream.skipped))
+
+    def candidates(self, images: ImageSet) -> CandidatePicker:
+        """The candidate picker `tune run` uses (the objective's CLIP), one per dataset vocabulary."""
+        name = images.dataset.name
+        if name not in self._pickers:
+            self._pickers[name] = CandidatePicker(images.dataset.vocabulary, self.backend,
+                                                  getattr(self.objective, "clip", None))
+        return self._pickers[name]
+
+    def evaluate(self, config: SegmenterConfig, images: ImageSet,
+                 on_image: Callable[[], None] | None = None) -> PerImage:
+        """Steps of `TrialRunner.evaluate`, keeping each image's objective, mask area and counts."""
+        ds = images.dataset
+        labelled = images.labelled
+        n_classes = num_label_classes(ds.class_names)
+        pixel_labels = self.objective.labels == "pixel"
+        scores: list[float] = []
+        foreground: list[float] = []
+        counts: list[np.ndarray] = []
+        for start in range(0, len(images.images), self.batch_size):
+            batch = images.images[start : start + self.batch_size]
+            cands = [self.candidates(images)(config, im) for im in batch]
+            maps = self.provider.maps(config, batch, cands)
+            items = []
+            for im, names, m in zip(batch, cands, maps):
+                label_map = postprocess(im.sample.image, m, config, self.backend.device)  # [H, W] 0 = bg
+                items.append(ScoreInput(
+                    image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
+                    threshold=config.threshold, vocabulary=ds.vocabulary,
+                    image_classes=im.sample.image_classes, label_names=ds.class_names,
+                    labels=im.sample.labels if pixel_labels else None,
+                ))
+                foreground.append(float((label_map > 0).mean()))
+                if labelled:
+                    pred = to_class_ids(label_map, names, ds.class_names)
+                    cm = confusion_matrix(pred, im.sample.labels, n_classes, ds.ignore_index)
+                    counts.append(counts_from_confusion(cm))
+                if on_image is not None:
+                    on_image()
+            scores.extend(float(s) for s in np.asarray(self.objective.score(items), dtype=np.float64))
+        return PerImage(
+            objective=np.asarray(scores), foreground=np.asarray(foreground),
+            counts=np.stack(counts).astype(np.int64) if labelled else None,
+        )
