@@ -36,8 +36,13 @@ CLASSES = ["cat", "dog", "person", "car", "tree"]
 
 def save_random_blip(size: str, path: str) -> None:
     """A randomly initialised BlipForImageTextRetrieval of the given shape, saved with its processor."""
-    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
-    from transformers import BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForImageTextRetrieval,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     spec = SIZES[size]
     (t_layers, t_heads, t_hidden), (v_layers, v_hidden, v_heads) = spec["text"], spec["vision"]
@@ -95,7 +100,9 @@ def reference_maps(model, tokenizer, pixels, prompt, config, patch):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
