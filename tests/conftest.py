@@ -218,3 +218,34 @@ def write_spec(tmp_path: Path, blip: str, clip: str, *, space=None, images=4, tr
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def kill_mid_trial(proc, storage: str, study_name: str, min_done: int = 2, timeout: float = 180) -> bool:
+    """SIGKILL a `tune run` process once the study has `min_done` finished trials and the process
+    runs one; True when it died inside that trial (its trial is left RUNNING), False when the
+    kill landed between two of its trials."""
+    import signal
+    import time
+
+    import optuna
+
+    running = (optuna.trial.TrialState.RUNNING,)
+    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def own_running(study):
+        return [t for t in study.get_trials(deepcopy=False, states=running)
+                if str(t.user_attrs.get("worker", "")).endswith(f":{proc.pid}")]
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:
+            continue
+        if len(study.get_trials(deepcopy=False, states=finished_states)) >= min_done and own_running(study):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return bool(own_running(optuna.load_study(study_name=study_name, storage=storage)))
+    err = proc.stderr.read().decode()[-2000:] if proc.stderr and proc.poll() is not None else ""
+    raise AssertionError(f"process {proc.pid} was never seen inside a trial {err}")

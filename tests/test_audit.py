@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import yaml
+from conftest import write_spec
 from optuna.distributions import FloatDistribution, IntDistribution
 
 import tuner.cli as cli
@@ -17,29 +17,6 @@ from objectives import confusion_matrix, miou
 from tuner import _audit_stats as S
 
 STUDY = "shapes-clip_margin"
-
-
-def write_spec(tmp: Path, blip: str, clip: str, *, images: int, trials: int) -> Path:
-    """A study spec on shapes-world images (the pattern of test_tuner.py), fixed settings the model has."""
-    spec = {
-        "dataset": "shapes",
-        "dataset_options": {"size": 40},
-        "tuning": {"split": "train", "images": images, "seed": 0},
-        "objective": "clip_margin",
-        "objective_options": {"clip_model": clip},
-        "fixed": {"model": blip, "image_size": 32, "layer": 2, "heads": [1], "dropout_rounds": 1,
-                  "crf_iterations": 2},
-        "search_space": {
-            "layer": {"type": "int", "low": 1, "high": 2},
-            "head": {"type": "int", "low": 0, "high": 3},
-            "threshold": {"type": "float", "low": 0.05, "high": 0.45, "step": 0.1},
-        },
-        "pruner": {"type": "none"},
-        "trials": trials,
-    }
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def run_args(tmp: Path, spec: Path) -> list[str]:
@@ -57,7 +34,9 @@ def tune():
 def labelled_study(tmp_path_factory, tiny_blip, tiny_clip) -> Path:
     """A 6-trial study on 4 shapes images whose trials record mIoU (fixed settings fit the model)."""
     tmp = tmp_path_factory.mktemp("audit-study")
-    spec = write_spec(tmp, tiny_blip, tiny_clip, images=4, trials=6)
+    fixed = {"model": tiny_blip, "image_size": 32, "layer": 2, "heads": [1], "dropout_rounds": 1,
+             "crf_iterations": 2}  # settings the tiny model has, so the default config can be evaluated
+    spec = write_spec(tmp, tiny_blip, tiny_clip, images=4, trials=6, fixed=fixed)
     assert cli.main(run_args(tmp, spec)) == 0
     return tmp
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import write_spec
+from conftest import kill_mid_trial, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -67,36 +65,34 @@ def postgres_url():
 
 
 def test_three_workers_one_killed_reach_the_exact_trial_count(tmp_path, tiny_blip, tiny_clip, postgres_url):
-    trials = 8
-    spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=4, trials=trials)
+    trials = 16
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=6, trials=trials)
     command = [sys.executable, "-m", "tuner.cli", "run", "--study-file", str(spec), "--storage", postgres_url,
                "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress",
                "--heartbeat", "1", "--study", "dist"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-               for _ in range(3)]
-    victim, before = workers[0], {}
-    deadline = time.time() + 240
+
+    def start():
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    alive = [start() for _ in range(3)]
+    everyone = list(alive)
     try:
-        while time.time() < deadline and victim.poll() is None:
-            time.sleep(0.2)
-            try:
-                study = optuna.load_study(study_name="dist", storage=postgres_url)
-            except KeyError:
-                continue
-            done = study.get_trials(deepcopy=False, states=FINISHED)
-            running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if len(done) >= 2 and len(running) >= 3:  # every worker is inside a trial
-                victim.send_signal(signal.SIGKILL)
-                victim.wait()
-                before = {t.number: t.value for t in done}
+        for _attempt in range(5):  # kill one worker inside a trial (retry if the kill fell between two)
+            victim = alive.pop(0)
+            if kill_mid_trial(victim, postgres_url, "dist", min_done=2, timeout=240):
                 break
-        assert victim.returncode == -signal.SIGKILL, "the victim worker was not caught mid-trial"
-        for worker in workers[1:]:
-            worker.wait(timeout=max(1, deadline - time.time()))
+            alive.append(start())
+            everyone.append(alive[-1])
+        else:
+            pytest.fail("no worker was killed inside a trial")
+        before = {t.number: t.value for t in optuna.load_study(study_name="dist", storage=postgres_url)
+                  .get_trials(deepcopy=False, states=FINISHED)}
+        for worker in alive:
+            worker.wait(timeout=240)
             assert worker.returncode == 0, worker.stderr.read().decode()[-2000:]
     finally:
-        for worker in workers:
+        for worker in everyone:
             if worker.poll() is None:
                 worker.kill()
     study = optuna.load_study(study_name="dist", storage=postgres_url)
@@ -108,5 +104,6 @@ def test_three_workers_one_killed_reach_the_exact_trial_count(tmp_path, tiny_bli
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL
               and not t.user_attrs.get("surplus")]
     assert len(failed) == 1  # the killed worker's trial, failed by its stale heartbeat ...
+    assert failed[0].user_attrs["worker"].endswith(f":{victim.pid}")
     retried = [t for t in done if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retried) == 1 and retried[0].params == failed[0].params  # ... and finished by another

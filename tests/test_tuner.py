@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
-from conftest import write_spec
+import pytest
+from conftest import kill_mid_trial, write_spec
 
 from segmenter import SegmenterConfig
 from segmenter.config import read_provenance
@@ -87,28 +86,18 @@ def test_rerun_continues_the_study_and_a_finished_study_does_nothing(tmp_path, t
 def test_killed_run_loses_no_finished_trial(tmp_path, tiny_blip, tiny_clip):
     spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=6, trials=40)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", *run_args(tmp_path, spec)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    before: dict[int, float] = {}
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                study = load(tmp_path)
-            except KeyError:
-                continue
-            trials = study.get_trials(deepcopy=False)
-            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-            done = finished(study)
-            if len(done) >= 2 and running:
-                proc.send_signal(signal.SIGKILL)  # mid-trial
-                proc.wait()
+    storage = f"sqlite:///{tmp_path}/tune.db"
+    for _attempt in range(5):  # until the kill lands inside a trial, not between two
+        proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", *run_args(tmp_path, spec)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            if kill_mid_trial(proc, storage, "shapes-clip_margin"):
                 break
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    else:
+        pytest.fail("the worker was never killed inside a trial")
     before = {t.number: t.value for t in finished(load(tmp_path))}
     assert len(before) >= 2
     spec_small = write_spec(tmp_path, tiny_blip, tiny_clip, images=6, trials=len(before) + 2)

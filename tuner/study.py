@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import sys
 import time
 import warnings
@@ -26,6 +28,7 @@ from .trial import CandidatePicker, MapProvider, TrialRunner, TuningImage
 
 DEFAULT_STORAGE = "sqlite:///runs/tune.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def config_hash(config: SegmenterConfig) -> str:
@@ -229,6 +232,7 @@ class StudyRunner:
 
     def objective_fn(self, trial: optuna.Trial, on_image=None) -> float:
         self._check_not_surplus(trial)
+        trial.set_user_attr("worker", WORKER)  # host:pid, to tell which worker ran (or died in) it
         config = self.spec.suggest(trial)
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("config_hash", config_hash(config))
