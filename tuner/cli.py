@@ -156,11 +156,11 @@ def cmd_run(args, console: Console) -> int:
     ran = runner.finished() - before
     console.print(f"study [bold]{runner.name}[/] in {args.storage}: {runner.finished()} finished trials"
                   f" ({ran} run now); map cache {runner.cache.hits} hits, {runner.cache.misses} misses")
-    _print_best(study, console)
+    _print_best(study, console, runner)
     return 0
 
 
-def _print_best(study, console: Console) -> None:
+def _print_best(study, console: Console, runner=None) -> None:
     from segmenter import SegmenterConfig
 
     try:
@@ -173,8 +173,13 @@ def _print_best(study, console: Console) -> None:
     line = f"best trial #{best.number}: objective {best.value:.4f}"
     if miou is not None:
         line += f", mIoU {miou:.4f} (labels used only to report this)"
-    console.print(line)
     console.print(config.to_yaml(), highlight=False, markup=False)
+    console.print(line)
+    if runner is not None and miou is not None:
+        default = runner.default_outcome()
+        if default is not None:
+            console.print(f"default config ({runner.spec.source}'s fixed settings): objective "
+                          f"{default.value:.4f}, mIoU {default.metrics['miou']:.4f}")
 
 
 def cmd_export(args, console: Console) -> int:

@@ -11,6 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -277,6 +278,20 @@ class StudyRunner:
                     n_trials=1, callbacks=[progress.trial_done], catch=(SurplusTrial,),
                 )
         return self.study
+
+    def default_outcome(self):
+        """The spec's fixed settings (the default config) on the tuning images, through the cache;
+        None when they name a layer or head the model does not have."""
+        attr = "default_outcome"
+        try:  # a spec's fixed layer/heads may lie outside the model when the space covers them
+            self.backend.check_layer_heads(self.spec.fixed.layer, self.spec.fixed.heads)
+        except ValueError:
+            return None
+        if attr not in self.study.user_attrs:
+            outcome = self.runner.evaluate(self.spec.fixed)
+            self.study.set_user_attr(attr, {"value": outcome.value, "metrics": outcome.metrics})
+        stored = self.study.user_attrs[attr]
+        return SimpleNamespace(value=stored["value"], metrics=stored["metrics"])
 
     def _check_not_surplus(self, trial: optuna.Trial) -> None:
         """Fail a trial that racing workers started beyond `trials` (the lowest numbers win)."""
