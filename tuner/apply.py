@@ -10,7 +10,7 @@ import numpy as np
 
 from segmenter import Segmenter, read_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from .datasets._disk import IMAGE_SUFFIXES
 
 
 def read_class_list(classes: str | None, classes_file: str | None) -> list[str]:
