@@ -1,0 +1,504 @@
+"""Train the tiny shapes-world BLIP ITM and CLIP models shipped with ovss-tune (seeded, CPU).
+
+    python tools/train_shapes_models.py
+
+writes `tuner/datasets/shapes_models/{blip,clip}/` (model + processor, `save_pretrained`), then
+`python tools/shapes_model_card.py` evaluates them on held-out scenes and writes MODEL_CARD.md.
+
+Both models are instances of the real transformers classes (`BlipForImageTextRetrieval`,
+`CLIPModel`) with word-level tokenizers over the shapes vocabulary, trained on scenes of the
+shapes world's train split (`ShapesDataset(seed).scene_seed("train", i)` for i past the split's
+size as well, never a val/test scene), so everything downstream runs the real-model code path.
+
+- BLIP: image-text matching only (binary, logit 1 = match). A caption "a picture of " + names
+  matches when every name it lists is in the image: positives list all present classes or a
+  random subset (so single-name captions, as the `itm_threshold` candidate rule asks, work),
+  negatives are hard ones (a present class swapped for an absent one, an absent one added, a
+  single absent name) and other images' captions. A one-layer ViT keeps patch tokens local,
+  which is what lets the text cross-attention localise.
+- CLIP: contrastive, text = bare class-name lists (a quarter with the "a picture of " prefix),
+  images = scenes and single objects cut out on black (what the CLIP reward shows it). A text
+  is a positive for every image of the batch that holds all of its classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segmenter.backends import build_prompt  # noqa: E402
+from tuner.datasets.shapes import SHAPE_CLASSES, ShapesDataset, render_shapes  # noqa: E402
+
+PREFIX = "a picture of "  # SegmenterConfig.prompt_prefix
+IMAGE_SIZE = 64
+DEFAULT_OUT = REPO / "tuner" / "datasets" / "shapes_models"
+#: words with their own token; other text falls back to characters (BLIP: word pieces, CLIP: BPE)
+WORDS = ("a", "picture", "of", "background", *SHAPE_CLASSES)
+LETTERS = string.ascii_lowercase + string.digits + string.punctuation
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that shapes the checkpoints; written next to them as training_settings.json."""
+
+    seed: int = 0
+    scenes: int = 16000  # multi-object train scenes for the two models
+    patch: int = 8
+    # the CNN teacher whose per-patch features warm-start both ViTs
+    teacher_scenes: int = 4000  # single-object train scenes (indices after the multi-object ones)
+    teacher_steps: int = 3000
+    teacher_width: int = 192
+    distil_steps: int = 3000
+    # BLIP ITM
+    blip_steps: int = 2000
+    blip_batch: int = 32
+    blip_lr: float = 5e-4
+    blip_vision_layers: int = 1
+    blip_text_layers: int = 4
+    blip_hidden: int = 96
+    blip_heads: int = 4
+    # CLIP
+    clip_steps: int = 1500
+    clip_batch: int = 64
+    clip_lr: float = 5e-4
+    clip_vision_layers: int = 2
+    clip_masked_fraction: float = 0.25
+
+
+# --- data --------------------------------------------------------------------------------------------
+def training_scenes(seed: int, count: int, first: int = 0, max_objects: int = 4) -> tuple[np.ndarray, ...]:
+    """`count` train-split scenes from index `first` on (past the split's size too), never a val/test one.
+
+    Returns images [N, S, S, 3] uint8 and masks [N, S, S] uint8 (class id + 1, 0 = background).
+    """
+    data = ShapesDataset(seed=seed, size=IMAGE_SIZE)
+    held_out = {data.scene_seed(s, i) for s in ("val", "test") for i in range(data.split_sizes[s])}
+    images, masks, index = [], [], first
+    while len(images) < count:
+        scene = data.scene_seed("train", index)
+        index += 1
+        if scene in held_out:
+            continue
+        image, mask = render_shapes(scene, IMAGE_SIZE, max_objects)
+        images.append(image)
+        masks.append(mask)
+    return np.stack(images), np.stack(masks)
+
+
+def present_classes(masks: np.ndarray) -> list[list[int]]:
+    """Per scene the class indices (0-based into SHAPE_CLASSES) visible in its mask."""
+    return [[int(c) - 1 for c in np.unique(m) if c > 0] for m in masks]
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The same random flip and quarter turn for every image of the batch and its mask."""
+    turns = int(torch.randint(4, (1,), generator=gen))
+    images, masks = images.rot90(turns, (1, 2)), masks.rot90(turns, (1, 2))
+    if bool(torch.randint(2, (1,), generator=gen)):
+        images, masks = images.flip(2), masks.flip(2)
+    return images.contiguous(), masks.contiguous()
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> model input [B, 3, S, S] with CLIP's mean and std (both processors)."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def names(indices) -> list[str]:
+    return [SHAPE_CLASSES[i] for i in indices]
+
+
+def positive_caption(present: list[int], rng: np.random.Generator) -> list[int]:
+    """All present classes (half the time) or a random non-empty subset, shuffled."""
+    chosen = list(present)
+    if len(chosen) > 1 and rng.random() < 0.5:
+        chosen = list(rng.choice(chosen, size=int(rng.integers(1, len(chosen))), replace=False))
+    rng.shuffle(chosen)
+    return [int(c) for c in chosen]
+
+
+def hard_negative(present: list[int], rng: np.random.Generator) -> list[int]:
+    """A caption naming at least one absent class: swap, add, or a lone absent name."""
+    absent = [c for c in range(len(SHAPE_CLASSES)) if c not in present]
+    chosen = positive_caption(present, rng)
+    kind = rng.random()
+    if kind < 0.45:
+        chosen[int(rng.integers(len(chosen)))] = int(rng.choice(absent))
+    elif kind < 0.85:
+        chosen.insert(int(rng.integers(len(chosen) + 1)), int(rng.choice(absent)))
+    else:
+        chosen = [int(rng.choice(absent))]
+    return chosen
+
+
+# --- the teacher: a CNN that learns the shapes fast, distilled into the ViTs' patch tokens -------------
+class PatchTeacher(torch.nn.Module):
+    """p x p stride-p convolution, GELU, 1x1 convolution, GELU: one feature vector per ViT patch.
+
+    Trained as a classifier (features max-pooled over patches, then linear) on single-object scenes;
+    only image-level labels are used. A ViT from scratch learns the shapes many times slower.
+    """
+
+    def __init__(self, patch: int, width: int) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, patch, stride=patch), torch.nn.GELU(),
+            torch.nn.Conv2d(width, width, 1), torch.nn.GELU(),
+        )
+        self.head = torch.nn.Linear(width, len(SHAPE_CLASSES))
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Per-patch features, row-major like ViT tokens. # [B, N, width]"""
+        return self.body(pixels).flatten(2).transpose(1, 2)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels).amax(1))  # [B, classes]
+
+
+def train_teacher(settings: TrainSettings, log) -> PatchTeacher:
+    """Cross-entropy on single-object train scenes, batch 16."""
+    torch.manual_seed(settings.seed + 2)
+    rng = np.random.default_rng(settings.seed + 2)
+    gen = torch.Generator().manual_seed(settings.seed + 2)
+    images, masks = training_scenes(settings.seed, settings.teacher_scenes, first=settings.scenes, max_objects=1)  # noqa: E501
+    labels = torch.tensor([p[0] for p in present_classes(masks)])
+    teacher = PatchTeacher(settings.patch, settings.teacher_width)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=1e-3)
+    all_images, recent, start = torch.from_numpy(images), [], time.time()
+    for step in range(settings.teacher_steps):
+        pick = rng.choice(len(images), size=16, replace=False)
+        x, _ = augment(all_images[pick], torch.from_numpy(masks[pick]), gen)
+        logits = teacher(normalise(x))
+        loss = F.cross_entropy(logits, labels[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recent.append((logits.argmax(1) == labels[pick]).float().mean().item())
+        if (step + 1) % 1000 == 0 or step + 1 == settings.teacher_steps:
+            log(f"teacher step {step + 1}/{settings.teacher_steps} train acc {np.mean(recent):.3f} "
+                f"({time.time() - start:.0f}s)")
+            recent = []
+    return teacher.eval().requires_grad_(False)
+
+
+def distil_patches(vision, hidden: int, teacher: PatchTeacher, images: np.ndarray, settings: TrainSettings,
+                   log) -> None:
+    """Train a ViT's patch tokens to predict the teacher's per-patch features (through a linear map)."""
+    rng = np.random.default_rng(settings.seed + 3)
+    gen = torch.Generator().manual_seed(settings.seed + 3)
+    adapter = torch.nn.Linear(hidden, settings.teacher_width)
+    optimizer = torch.optim.AdamW([*vision.parameters(), *adapter.parameters()], lr=1e-3)
+    all_images, recent, start = torch.from_numpy(images), [], time.time()
+    for step in range(settings.distil_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, settings.distil_steps, 1e-3)
+        pick = rng.choice(len(images), size=16, replace=False)
+        x, _ = augment(all_images[pick], all_images[pick, ..., 0], gen)
+        pixels = normalise(x)
+        target = teacher.features(pixels)  # [B, N, width]
+        tokens = vision(pixel_values=pixels).last_hidden_state[:, 1:]  # [B, N, D]
+        loss = F.mse_loss(adapter(tokens), target) / target.var()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recent.append(loss.item())
+        if (step + 1) % 1000 == 0 or step + 1 == settings.distil_steps:
+            log(f"distil step {step + 1}/{settings.distil_steps} relative error {np.mean(recent):.3f} "
+                f"({time.time() - start:.0f}s)")
+            recent = []
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to 2% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def multi_positive_nce(logits: torch.Tensor, holds: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where `holds[i, j]` (float 0/1, diagonal 1) marks every positive pair."""
+    image_to_text = -(holds / holds.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    text_to_image = -(holds / holds.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
+    return 0.5 * (image_to_text + text_to_image)
+
+
+def holds_matrix(texts: list[list[int]], present: list[list[int]]) -> torch.Tensor:
+    """[images, texts] 1.0 where the image holds every class the text names."""
+    return torch.tensor([[set(t) <= set(p) for t in texts] for p in present], dtype=torch.float32)
+
+
+# --- BLIP ----------------------------------------------------------------------------------------------
+def blip_tokenizer():
+    """A word-level `BertTokenizer`: the shapes words, then letters and ##letters as a fallback."""
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *LETTERS, *(f"##{c}" for c in LETTERS)]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(vocab))})
+
+
+def build_blip(settings: TrainSettings):
+    """A randomly initialised tiny `BlipForImageTextRetrieval` and its `BlipProcessor`."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+
+    tokenizer = blip_tokenizer()
+    hidden, heads = settings.blip_hidden, settings.blip_heads
+    config = BlipConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer.get_vocab()), hidden_size=hidden, num_hidden_layers=settings.blip_text_layers,  # noqa: E501
+            num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=32,
+            pad_token_id=0, bos_token_id=2, sep_token_id=3,
+        ),
+        vision_config=dict(
+            hidden_size=hidden, num_hidden_layers=settings.blip_vision_layers, num_attention_heads=heads,
+            intermediate_size=4 * hidden, image_size=IMAGE_SIZE, patch_size=settings.patch,
+            initializer_range=0.02,  # the default 1e-10 starts the ViT dead (its output ~0)
+        ),
+        image_text_hidden_size=64,
+    )
+    model = BlipForImageTextRetrieval(config)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)  # noqa: E501
+        ),
+        tokenizer=tokenizer,
+    )
+    return model, processor
+
+
+def itm_logits(model, tokenizer, image_embeds: torch.Tensor, captions: list[list[int]]) -> torch.Tensor:
+    """ITM logits [B, 2] of caption b for image b."""
+    tokens = tokenizer([build_prompt(PREFIX, names(c)).text for c in captions], padding=True,
+                       return_tensors="pt")
+    text = model.text_encoder(
+        input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long),
+    ).last_hidden_state  # [B, T, D]
+    return model.itm_head(text[:, 0, :])
+
+
+def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, teacher: PatchTeacher,
+               log) -> tuple:
+    """Distil the teacher into the ViT, then ITM with balanced positives and negatives (3/4 hard)."""
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    model, processor = build_blip(settings)
+    distil_patches(model.vision_model, settings.blip_hidden, teacher, images, settings, log)
+    model.train()
+    tokenizer = processor.tokenizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.blip_lr, weight_decay=0.05)
+    all_images, all_masks = torch.from_numpy(images), torch.from_numpy(masks)
+    batch, start, recent = settings.blip_batch, time.time(), []
+    for step in range(settings.blip_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, settings.blip_steps, settings.blip_lr)
+        pick = rng.choice(len(images), size=batch, replace=False)
+        x, m = augment(all_images[pick], all_masks[pick], gen)
+        present = present_classes(m.numpy())
+        positives = [positive_caption(p, rng) for p in present]
+        negatives = [
+            hard_negative(p, rng) if rng.random() < 0.75 or set(positives[(b + 1) % batch]) <= set(p)
+            else positives[(b + 1) % batch]
+            for b, p in enumerate(present)
+        ]
+        image_embeds = model.vision_model(pixel_values=normalise(x)).last_hidden_state  # [B, 1+N, D]
+        logits = itm_logits(model, tokenizer, torch.cat([image_embeds, image_embeds]), positives + negatives)
+        target = torch.cat([torch.ones(batch), torch.zeros(batch)]).long()
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        recent.append(((logits.argmax(1) == target).float().mean().item(), loss.item()))
+        if (step + 1) % 200 == 0 or step + 1 == settings.blip_steps:
+            acc, mean_loss = np.mean(recent, axis=0)
+            log(f"step {step + 1}/{settings.blip_steps} loss {mean_loss:.3f} train acc {acc:.3f} "
+                f"({time.time() - start:.0f}s)")
+            recent = []
+    return model.eval(), processor, time.time() - start
+
+
+# --- CLIP ----------------------------------------------------------------------------------------------
+def clip_tokenizer():
+    """A `CLIPTokenizer` (byte-level BPE) whose merges spell each shapes word as one token."""
+    from transformers import CLIPTokenizer
+
+    vocab = ["<|startoftext|>", "<|endoftext|>", *LETTERS, *(f"{c}</w>" for c in LETTERS)]
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merge, pieces = (pieces[0], pieces[1]), [pieces[0] + pieces[1], *pieces[2:]]
+            if merge not in merges:
+                merges.append(merge)
+            vocab.append(pieces[0])
+    vocab = list(dict.fromkeys(vocab))
+    return CLIPTokenizer(vocab={w: i for i, w in enumerate(vocab)}, merges=merges, model_max_length=32)
+
+
+def build_clip(settings: TrainSettings):
+    """A randomly initialised tiny `CLIPModel` and its `CLIPProcessor`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer.get_vocab()), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=256, max_position_embeddings=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=96, num_hidden_layers=settings.clip_vision_layers, num_attention_heads=4,
+            intermediate_size=384,
+            image_size=IMAGE_SIZE, patch_size=settings.patch,
+        ),
+        projection_dim=64,
+    )
+    model = CLIPModel(config)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+        ),
+        tokenizer=tokenizer,
+    )
+    return model, processor
+
+
+def single_objects(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator) -> tuple:
+    """One present object of each scene on black: (images [B, S, S, 3], class index per image)."""
+    out, classes = images.clone(), []
+    for b, present in enumerate(present_classes(masks.numpy())):
+        c = int(rng.choice(present))
+        out[b][masks[b] != c + 1] = 0
+        classes.append(c)
+    return out, classes
+
+
+def train_clip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, teacher: PatchTeacher,
+               log) -> tuple:
+    """Distil the teacher into the ViT, then multi-positive InfoNCE (text j is a positive of image i
+    when i holds all of j's classes)."""
+    torch.manual_seed(settings.seed + 1)
+    rng = np.random.default_rng(settings.seed + 1)
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    model, processor = build_clip(settings)
+    distil_patches(model.vision_model, model.config.vision_config.hidden_size, teacher, images, settings, log)
+    model.train()
+    tokenizer = processor.tokenizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.clip_lr, weight_decay=0.05)
+    all_images, all_masks = torch.from_numpy(images), torch.from_numpy(masks)
+    batch, start, recent = settings.clip_batch, time.time(), []
+    masked = int(round(batch * settings.clip_masked_fraction))
+    for step in range(settings.clip_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, settings.clip_steps, settings.clip_lr)
+        pick = rng.choice(len(images), size=batch, replace=False)
+        x, m = augment(all_images[pick], all_masks[pick], gen)
+        present = present_classes(m.numpy())
+        cut, cut_classes = single_objects(x[:masked], m[:masked], rng)
+        x = torch.cat([cut, x[masked:]])
+        present = [[c] for c in cut_classes] + present[masked:]
+        texts = [positive_caption(p, rng) for p in present]
+        strings = [(PREFIX if rng.random() < 0.25 else "") + " ".join(names(t)) for t in texts]
+        tokens = tokenizer(strings, padding=True, return_tensors="pt")
+        image_features = F.normalize(model.get_image_features(pixel_values=normalise(x)).pooler_output, dim=-1)  # noqa: E501
+        text_features = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.T  # [B, B]
+        holds = holds_matrix(texts, present)
+        loss = multi_positive_nce(logits, holds)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        recent.append((holds[torch.arange(batch), logits.argmax(1)].mean().item(), loss.item()))
+        if (step + 1) % 200 == 0 or step + 1 == settings.clip_steps:
+            acc, mean_loss = np.mean(recent, axis=0)
+            log(f"step {step + 1}/{settings.clip_steps} loss {mean_loss:.3f} train top-1 {acc:.3f} "
+                f"({time.time() - start:.0f}s)")
+            recent = []
+    return model.eval(), processor, time.time() - start
+
+
+# --- main ---------------------------------------------------------------------------------------------
+def save(model, processor, path: Path, settings: TrainSettings, seconds: float) -> None:
+    """float32 safetensors + processor files, and the settings that made them."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float32).save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    info = {"settings": asdict(settings), "train_seconds": round(seconds, 1),
+            "torch": torch.__version__, "command": " ".join(["python", *sys.argv])}
+    (path / "training_settings.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def train_and_save(kind: str, settings: TrainSettings, out: Path) -> None:
+    """Render the training scenes and train one model ("blip" or "clip") on one CPU thread."""
+    torch.set_num_threads(1)  # one thread per model: no spin-waiting on a shared machine, same sums
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+
+    def log(message: str) -> None:
+        print(f"[{kind}] {message}", flush=True)
+
+    start = time.time()
+    teacher = train_teacher(settings, log)  # the same (seeded) teacher in both processes
+    images, masks = training_scenes(settings.seed, settings.scenes)
+    log(f"rendered {len(images)} training scenes ({time.time() - start:.0f}s)")
+    train = train_blip if kind == "blip" else train_clip
+    model, processor, _ = train(settings, images, masks, teacher, log)
+    save(model, processor, out / kind, settings, time.time() - start)
+    log(f"saved {out / kind} ({time.time() - start:.0f}s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = TrainSettings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="writes OUT/blip and OUT/clip")
+    parser.add_argument("--only", choices=("blip", "clip"), help="train one of the two models")
+    parser.add_argument("--sequential", action="store_true",
+                        help="train one model after the other (default: both at once, a process each)")
+    for name, value in asdict(defaults).items():
+        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, metavar=type(value).__name__)  # noqa: E501
+    args = parser.parse_args(argv)
+    settings = TrainSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    kinds = [args.only] if args.only else ["blip", "clip"]
+    start = time.time()
+    if args.sequential or len(kinds) == 1:
+        for kind in kinds:
+            train_and_save(kind, settings, args.out)
+    else:
+        context = multiprocessing.get_context("spawn")
+        workers = [context.Process(target=train_and_save, args=(k, settings, args.out)) for k in kinds]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        failed = [k for k, w in zip(kinds, workers) if w.exitcode]
+        if failed:
+            raise SystemExit(f"training {', '.join(failed)} failed: see the log above")
+    print(f"done in {time.time() - start:.0f}s: {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
