@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .backends import Backend, Prompt, build_prompt, load_backend
+from .backends import Backend, Prompt, build_prompt, load_backend, resolve_batch_size
 from .candidates import candidate_indices
 from .clip import ClipScorer
 from .config import SegmenterConfig
@@ -179,7 +179,7 @@ class Segmenter:
         *,
         device: str | torch.device | None = None,
         backend: Backend | None = None,
-        batch_size: int = 8,
+        batch_size: int | str = "auto",
         clip: ClipScorer | None = None,
         dtype: str | torch.dtype | None = "auto",
     ) -> None:
@@ -189,7 +189,7 @@ class Segmenter:
         )
         self.backend.check_layer_heads(self.config.layer, self.config.heads)
         self.backend.patch_grid(self.config.image_size)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = resolve_batch_size(batch_size, self.backend, self.config.image_size)
         self._clip = clip
 
     @classmethod

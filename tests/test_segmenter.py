@@ -60,6 +60,18 @@ def test_optimised_gradcam_equals_full_backward_reference(tiny_blip, rng):
             torch.testing.assert_close(ours[b][layer - 1], ref, rtol=1e-4, atol=1e-7)
 
 
+def test_fused_vision_attention_gives_the_eager_maps(tiny_blip, rng):
+    """The ViT's SDPA attention (our speed path) changes no map: same as transformers' eager one."""
+    fused, eager = BlipBackend(tiny_blip, device="cpu"), BlipBackend(tiny_blip, device="cpu", sdpa=False)
+    attention = fused.model.vision_model.encoder.layers[0].self_attn
+    assert attention.forward.__func__ is not type(attention).forward  # the fused path is installed
+    pixels = fused.prepare_images([random_image(rng, 32, 32) for _ in range(2)], 32)
+    prompts = [build_prompt("a picture of ", CLASSES)] * 2
+    for a, b in zip(fused.gradcam(pixels, prompts, [1, 2]), eager.gradcam(pixels, prompts, [1, 2])):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_segment_sets_no_parameter_gradient(tiny_blip, rng):
     seg = Segmenter(SegmenterConfig(model=tiny_blip, image_size=32, layer=2, heads=(0, 3)))
     result = seg.segment(random_image(rng, 32, 32), CLASSES)
@@ -242,3 +254,17 @@ def test_conv_crf_also_snaps_a_blurry_unary_to_the_colour_edge():
     # end to end through the config switch
     config = SegmenterConfig(crf_backend="conv", blur_backend="torch")
     assert SegmenterConfig.from_yaml(config.to_yaml()) == config
+
+
+def test_batch_size_auto_fills_free_memory_and_rejects_nonsense(tiny_blip):
+    from segmenter.backends import batch_size_for_memory, parse_batch_size
+
+    gib = 1024**3
+    assert batch_size_for_memory(40 * gib, 2 * gib) == 14  # 70% of 40 GiB in 2 GiB images
+    assert batch_size_for_memory(1 * gib, 2 * gib) == 1  # never zero
+    assert batch_size_for_memory(80 * gib, 0.1 * gib, cap=64) == 64
+    assert parse_batch_size("auto") == "auto" and parse_batch_size("12") == 12
+    with pytest.raises(ValueError, match="positive integer or 'auto'"):
+        parse_batch_size("0")
+    seg = Segmenter(SegmenterConfig(model=tiny_blip, image_size=32, layer=1, heads=(0,)), device="cpu")
+    assert seg.batch_size == 8  # CPU: no memory probe

@@ -13,6 +13,15 @@ from rich.table import Table
 DEFAULT_DATASET = "shapes"
 
 
+def parse_batch_size(text: str) -> str | int:
+    """--batch-size: a positive integer or auto (kept free of torch so `tune --help` stays fast)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'auto'")
+    return int(text)
+
+
 def _storage_arg(p: argparse.ArgumentParser) -> None:
     from .study import DEFAULT_STORAGE
 
@@ -45,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="sampler and tuning-subset seed (recorded in the study)")
     run.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
     run.add_argument("--no-cache", action="store_true", help="recompute every map (same values)")
-    run.add_argument("--batch-size", type=int, default=8, help="images per model batch")
+    run.add_argument("--batch-size", type=parse_batch_size, default="auto",
+                     help="images per model batch, or auto: from free GPU memory (8 on CPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
     run.add_argument("--workers", type=int, default=0,
@@ -82,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     ev.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=parse_batch_size, default="auto",
+                    help="images per model batch, or auto (default)")
     ev.add_argument("-o", "--output", default="eval.json", help="JSON file (default %(default)s)")
     ev.add_argument("--no-progress", action="store_true")
 
@@ -94,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", required=True, help="output directory")
     seg.add_argument("--save-maps", action="store_true", help="also write the per-class maps (.npz)")
     seg.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    seg.add_argument("--batch-size", type=int, default=8)
+    seg.add_argument("--batch-size", type=parse_batch_size, default="auto",
+                     help="images per model batch, or auto (default)")
     seg.add_argument("--no-progress", action="store_true")
     return parser
 

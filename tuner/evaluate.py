@@ -9,6 +9,7 @@ import numpy as np
 
 from objectives import miou, num_label_classes
 from segmenter import Backend, SegmenterConfig, load_backend
+from segmenter.backends import resolve_batch_size
 
 from .cache import MapCache, image_digest
 from .datasets import Dataset
@@ -28,7 +29,7 @@ def evaluate_config(
     backend: Backend | None = None,
     device: str | None = None,
     cache_dir: str | Path | None = None,
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     on_image: Callable[[int], None] | None = None,
 ) -> dict:
     """mIoU, pixel accuracy and per-class IoU of `config` on `split` (a seeded subset of `images`)."""
@@ -38,6 +39,7 @@ def evaluate_config(
     ids = pick_tuning_ids(dataset, split, images, seed) if images else dataset.ids(split)
     backend = backend or load_backend(config.backend, config.model, config.revision, device=device)
     backend.check_layer_heads(config.layer, config.heads)
+    batch_size = resolve_batch_size(batch_size, backend, config.image_size)
     provider = MapProvider(backend, MapCache(cache_dir), batch_size)
     picker = CandidatePicker(dataset.vocabulary, backend)
     size = num_label_classes(dataset.class_names)

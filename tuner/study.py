@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 import segmenter
 from objectives import get_objective
 from segmenter import SegmenterConfig, load_backend
+from segmenter.backends import resolve_batch_size
 
 from .cache import MapCache, image_digest
 from .datasets import Dataset, disjoint_splits, iter_samples, load_dataset
@@ -93,7 +94,7 @@ class RunOptions:
     device: str | None = None
     seed: int | None = None
     cache_dir: str | None = "runs/cache"
-    batch_size: int = 8
+    batch_size: int | str = "auto"  # images per model batch; "auto": from free GPU memory
     data_root: str | None = None
     progress: bool = True
     heartbeat: int = 30
@@ -137,12 +138,13 @@ class StudyRunner:
         self.objective = get_objective(spec.objective, device=str(self.backend.device),
                                        **spec.objective_options)
         self.cache = MapCache(options.cache_dir)
-        self.provider = MapProvider(self.backend, self.cache, options.batch_size)
+        self.batch_size = resolve_batch_size(options.batch_size, self.backend, spec.fixed.image_size)
+        self.provider = MapProvider(self.backend, self.cache, self.batch_size)
         self.images = self._load_images()
         self.runner = TrialRunner(
             self.dataset, self.images, self.provider, self.objective,
             CandidatePicker(self.dataset.vocabulary, self.backend, getattr(self.objective, "clip", None)),
-            batch_size=options.batch_size, pool=self._make_pool(options.workers),
+            batch_size=self.batch_size, pool=self._make_pool(options.workers),
             report="instance" if spec.pruner.get("type", "wilcoxon") == "wilcoxon" else "mean",
         )
         self._record_study_attrs()

@@ -5,7 +5,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._base import Backend, Prompt, build_prompt, resolve_model_path
+from ._base import (
+    Backend,
+    Prompt,
+    batch_size_for_memory,
+    build_prompt,
+    parse_batch_size,
+    resolve_batch_size,
+    resolve_model_path,
+)
 
 # name -> "module:Class", imported only when asked for (a config file names its backend)
 BACKENDS: dict[str, str] = {"blip": "segmenter.backends.blip:BlipBackend"}
@@ -25,6 +33,6 @@ def load_backend(name: str, model: str, revision: str | None = None, **kwargs: A
 
 
 __all__ = [
-    "BACKENDS", "Backend", "Prompt", "build_prompt", "load_backend", "register_backend",
-    "resolve_model_path",
+    "BACKENDS", "Backend", "Prompt", "batch_size_for_memory", "build_prompt", "load_backend",
+    "parse_batch_size", "register_backend", "resolve_batch_size", "resolve_model_path",
 ]

@@ -37,6 +37,35 @@ def build_prompt(prefix: str, class_names: Sequence[str]) -> Prompt:
 
 
 PACKAGE_SCHEME = "pkg://"
+#: images per model batch on CPU, where larger batches buy little and cost memory
+CPU_BATCH = 8
+
+
+def batch_size_for_memory(free_bytes: float, per_image_bytes: float, cap: int = 64,
+                          headroom: float = 0.7) -> int:
+    """How many images of `per_image_bytes` fit in `headroom` of `free_bytes`: 1..cap."""
+    if per_image_bytes <= 0:
+        return cap
+    return int(max(1, min(cap, headroom * free_bytes // per_image_bytes)))
+
+
+def parse_batch_size(value: str | int) -> str | int:
+    """CLI/API batch size: a positive integer or "auto" (from free GPU memory)."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ValueError(f"batch size {value!r} is not a positive integer or 'auto'")
+    return number
+
+
+def resolve_batch_size(value: str | int, backend: Backend, image_size: int) -> int:
+    """An integer batch size for `value` ("auto": `backend.auto_batch_size(image_size)`)."""
+    value = parse_batch_size(value)
+    return backend.auto_batch_size(image_size) if value == "auto" else value
 
 
 def resolve_model_path(model: str) -> str:
@@ -99,6 +128,25 @@ class Backend(abc.ABC):
         Returns per image a float32 tensor [len(layers), heads, classes, gh, gw] of
         attention x clamp(dScore/dAttention, min=0), [CLS] key dropped, word pieces averaged.
         """
+
+    def auto_batch_size(self, image_size: int, classes: int = 8, cap: int = 64) -> int:
+        """Images per model batch: from free GPU memory on CUDA, `CPU_BATCH` elsewhere.
+
+        On CUDA, one GradCAM pass of two blank images with a `classes`-name caption, through every
+        layer (the most a trial asks), measures the peak memory per image; the batch fills 70% of
+        what is free now, at most `cap`.
+        """
+        if self.device.type != "cuda":
+            return CPU_BATCH
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        pixels = torch.zeros(2, 3, image_size, image_size, device=self.device)
+        prompt = build_prompt("a picture of ", ["a"] * classes)
+        self.gradcam(pixels, [prompt, prompt], list(range(1, self.num_layers + 1)))
+        per_image = (torch.cuda.max_memory_allocated(self.device) - before) / 2
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return batch_size_for_memory(free, per_image, cap)
 
     def check_layer_heads(self, layer: int, heads: Sequence[int]) -> None:
         """Raise a ValueError naming the valid range when `layer` or a head does not exist."""

@@ -4,11 +4,15 @@ The performance design of DESIGN.md lives here: the vision encoder runs under `i
 output is the only tensor that requires grad, so autograd records the text encoder alone; the
 gradient of the ITM match logit is asked for the captured cross-attention probabilities only
 (`torch.autograd.grad`), so no parameter gradient is ever computed and the backward pass stops at
-the earliest requested layer. All heads of a layer come out of the same pass.
+the earliest requested layer. All heads of a layer come out of the same pass. The vision encoder's
+self-attention runs through `scaled_dot_product_attention` (fused kernels, no [N, N] probability
+tensor kept), which transformers' BLIP does not offer; the text encoder keeps its eager attention,
+whose probabilities GradCAM reads.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +32,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available: use --device cpu")
     return device
+
+
+def _sdpa_attention(self, hidden_states: torch.Tensor, **_kwargs) -> tuple[torch.Tensor, None]:
+    """`BlipAttention.forward` through `F.scaled_dot_product_attention` (same maths, eval mode only)."""
+    batch, length, dim = hidden_states.shape
+    qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, d]
+    context = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
+    return self.projection(context.transpose(1, 2).reshape(batch, length, dim)), None
+
+
+def use_sdpa_vision_attention(vision_model: torch.nn.Module) -> int:
+    """Route every ViT self-attention of a BLIP vision model through SDPA; returns how many."""
+    from transformers.models.blip.modeling_blip import BlipAttention
+
+    count = 0
+    for module in vision_model.modules():
+        if isinstance(module, BlipAttention):
+            module.forward = types.MethodType(_sdpa_attention, module)
+            count += 1
+    return count
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,6 +90,7 @@ class BlipBackend(Backend):
         revision: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = "auto",
+        sdpa: bool = True,
     ) -> None:
         from transformers import AutoProcessor, BlipForImageTextRetrieval
 
@@ -82,6 +108,8 @@ class BlipBackend(Backend):
             raise load_error("BLIP processor", self.model_id, err) from None
         net.requires_grad_(False)
         self.model = net.eval().to(self.device, self.dtype)
+        if sdpa:  # the ViT's attention probabilities are never read: fused attention is exact maths
+            use_sdpa_vision_attention(self.model.vision_model)
         self.tokenizer = processor.tokenizer
         image_processor = processor.image_processor
         self._mean = torch.tensor(image_processor.image_mean, device=self.device).view(1, 3, 1, 1)
