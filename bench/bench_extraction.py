@@ -20,48 +20,13 @@ import time
 
 import numpy as np
 import torch
+from _models import BLIP_SIZES, save_random_blip
 
 from segmenter import SegmenterConfig, build_prompt, salience_dropout
 from segmenter.backends.blip import BlipBackend
 from segmenter.pipeline import select_patches
 
-SIZES = {
-    # text layers/heads/hidden, vision layers/hidden/heads, image size, patch
-    "tiny": dict(text=(4, 4, 64), vision=(1, 96, 4), image=64, patch=8),
-    "base": dict(text=(12, 12, 768), vision=(12, 768, 12), image=384, patch=16),
-    "large": dict(text=(12, 12, 768), vision=(24, 1024, 16), image=384, patch=16),
-}
 CLASSES = ["cat", "dog", "person", "car", "tree"]
-
-
-def save_random_blip(size: str, path: str) -> None:
-    """A randomly initialised BlipForImageTextRetrieval of the given shape, saved with its processor."""
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForImageTextRetrieval,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
-
-    spec = SIZES[size]
-    (t_layers, t_heads, t_hidden), (v_layers, v_hidden, v_heads) = spec["text"], spec["vision"]
-    words = ["a", "picture", "of", *CLASSES]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    config = BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=t_hidden, num_hidden_layers=t_layers,
-                         num_attention_heads=t_heads, intermediate_size=4 * t_hidden,
-                         max_position_embeddings=64, pad_token_id=0),
-        vision_config=dict(hidden_size=v_hidden, num_hidden_layers=v_layers, num_attention_heads=v_heads,
-                           intermediate_size=4 * v_hidden, image_size=spec["image"],
-                           patch_size=spec["patch"]),
-        image_text_hidden_size=256,
-    )
-    torch.manual_seed(0)
-    BlipForImageTextRetrieval(config).eval().save_pretrained(path)
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    image_processor = BlipImageProcessor(size={"height": spec["image"], "width": spec["image"]})
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
 
 def reference_maps(model, tokenizer, pixels, prompt, config, patch):
@@ -99,63 +64,162 @@ def reference_maps(model, tokenizer, pixels, prompt, config, patch):
     return total
 
 
+def measure_extraction(size: str, images: int = 8, rounds: int = 4, batch_size: int = 8,
+                       device: str = "cpu", image_size: int | None = None, reference: bool = True) -> dict:
+    """Seconds per image of our path and the reference-style one, and how far their maps differ.
+
+    Our path runs in the backend's default dtype (bfloat16 on a GPU, float32 on CPU); the
+    reference-style path in float32 (as the original code) on the same device.
+    """
+    from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+    rng = np.random.default_rng(0)
+    spec = BLIP_SIZES[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_random_blip(size, tmp)
+        side = image_size or spec["image"]
+        config = SegmenterConfig(model=tmp, image_size=side, layer=8 if size != "tiny" else 2,
+                                 heads=(1,), dropout_rounds=rounds, dropout_k=10)
+        backend = BlipBackend(tmp, device=device)
+        pictures = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+                    for _ in range(images)]
+        prompts = [build_prompt(config.prompt_prefix, CLASSES) for _ in pictures]
+        pixels = backend.prepare_images(pictures, config.image_size)
+
+        salience_dropout(backend, pixels[:1], prompts[:1], config)  # warm-up
+        sync(backend.device)
+        start = time.perf_counter()
+        ours = []
+        for i in range(0, images, batch_size):
+            ours += salience_dropout(backend, pixels[i : i + batch_size], prompts[i : i + batch_size], config)
+        sync(backend.device)
+        t_ours = (time.perf_counter() - start) / images
+        result = {
+            "bench": "extraction", "size": size, "images": images, "rounds": rounds, "image_size": side,
+            "threads": torch.get_num_threads(), "device": str(backend.device), "dtype": str(backend.dtype),
+            "batch_size": batch_size, "ours_s_per_image": round(t_ours, 4),
+            "ours_images_per_s": round(1 / t_ours, 2),
+        }
+        if not reference:
+            return result
+
+        # parameters require grad, float32, eager attention everywhere: the original code's setup
+        model = BlipForImageTextRetrieval.from_pretrained(tmp).eval().to(backend.device)
+        tokenizer = AutoProcessor.from_pretrained(tmp).tokenizer
+        pixels = pixels.float()
+        reference_maps(model, tokenizer, pixels[:1], prompts[0], config, spec["patch"])  # warm-up
+        sync(backend.device)
+        start = time.perf_counter()
+        refs = [reference_maps(model, tokenizer, pixels[i : i + 1], prompts[i], config, spec["patch"])
+                for i in range(images)]
+        sync(backend.device)
+        t_ref = (time.perf_counter() - start) / images
+        max_diff = max(float((o.float().cpu() - r.cpu()).abs().max()) for o, r in zip(ours, refs))
+        scale = max(float(r.abs().max()) for r in refs)
+    return {**result, "reference_s_per_image": round(t_ref, 4), "speedup": round(t_ref / t_ours, 2),
+            "max_abs_diff": max_diff, "max_abs_value": scale}
+
+
+def measure_head_sweep(size: str, images: int = 2, device: str = "cpu",
+                       image_size: int | None = None) -> dict:
+    """Maps of every head of one layer (one round), as a search over heads needs them.
+
+    Ours: one GradCAM pass gives every head. Reference-style: the original code runs a full
+    forward and backward per head configuration.
+    """
+    from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+    rng = np.random.default_rng(1)
+    spec = BLIP_SIZES[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_random_blip(size, tmp)
+        side = image_size or spec["image"]
+        layer = 8 if size != "tiny" else 2
+        backend = BlipBackend(tmp, device=device)
+        pictures = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(images)]
+        prompts = [build_prompt("a picture of ", CLASSES) for _ in pictures]
+        pixels = backend.prepare_images(pictures, side)
+        backend.gradcam(pixels[:1], prompts[:1], [layer])  # warm-up
+        sync(backend.device)
+        start = time.perf_counter()
+        ours = backend.gradcam(pixels, prompts, [layer])  # per image [1, heads, C, gh, gw]
+        sync(backend.device)
+        t_ours = (time.perf_counter() - start) / images
+
+        model = BlipForImageTextRetrieval.from_pretrained(tmp).eval().to(backend.device)
+        tokenizer = AutoProcessor.from_pretrained(tmp).tokenizer
+        pixels = pixels.float()
+        heads = range(backend.num_heads)
+        one = [SegmenterConfig(model=tmp, image_size=side, layer=layer, heads=(h,), dropout_rounds=1)
+               for h in heads]
+        sync(backend.device)
+        start = time.perf_counter()
+        refs = [[reference_maps(model, tokenizer, pixels[i : i + 1], prompts[i], one[h], spec["patch"])
+                 for h in heads] for i in range(images)]
+        sync(backend.device)
+        t_ref = (time.perf_counter() - start) / images
+        max_diff = max(float((ours[i][0, h].float().cpu() - refs[i][h].cpu()).abs().max())
+                       for i in range(images) for h in heads)
+    return {
+        "bench": "head_sweep", "size": size, "images": images, "image_size": side, "layer": layer,
+        "heads": backend.num_heads, "device": str(backend.device), "ours_s_per_image": round(t_ours, 4),
+        "reference_s_per_image": round(t_ref, 4), "speedup": round(t_ref / t_ours, 2),
+        "max_abs_diff": max_diff,
+    }
+
+
+def print_head_sweep(result: dict) -> None:
+    title = f"all {result['heads']} heads of layer {result['layer']} (1 round)"
+    print(f"{title:<50}{'s/image':>10}")
+    print(f"{'  reference-style (a pass per head)':<50}{result['reference_s_per_image']:>10.4f}")
+    print(f"{'  ours (one pass)':<50}{result['ours_s_per_image']:>10.4f}   x{result['speedup']:.2f} faster, "
+          f"max |diff| {result['max_abs_diff']:.2e}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def print_extraction(result: dict) -> None:
+    title = (f"extraction ({result['size']}, {result['image_size']} px, {result['rounds']} rounds, "
+             f"{result['device']})")
+    print(f"{title:<50}{'s/image':>10}")
+    if "reference_s_per_image" in result:
+        print(f"{'  reference-style':<50}{result['reference_s_per_image']:>10.4f}")
+    line = f"{'  ours':<50}{result['ours_s_per_image']:>10.4f}   {result['ours_images_per_s']} images/s"
+    if "speedup" in result:
+        line += (f", x{result['speedup']:.2f} faster, max |diff| {result['max_abs_diff']:.2e} "
+                 f"(max |map| {result['max_abs_value']:.2e})")
+    print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=list(SIZES), default="tiny")
+    parser.add_argument("--size", choices=list(BLIP_SIZES), default="tiny")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the model's own")
+    parser.add_argument("--no-reference", action="store_true", help="time our path only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import AutoProcessor, BlipForImageTextRetrieval
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_random_blip(args.size, tmp)
-        spec = SIZES[args.size]
-        config = SegmenterConfig(model=tmp, image_size=spec["image"], layer=8 if args.size != "tiny" else 2,
-                                 heads=(1,), dropout_rounds=args.rounds, dropout_k=10)
-        backend = BlipBackend(tmp, device="cpu")
-        images = [rng.integers(0, 256, (spec["image"], spec["image"], 3), dtype=np.uint8)
-                  for _ in range(args.images)]
-        prompts = [build_prompt(config.prompt_prefix, CLASSES) for _ in images]
-        pixels = backend.prepare_images(images, config.image_size)
-
-        salience_dropout(backend, pixels[:1], prompts[:1], config)  # warm-up
-        start = time.perf_counter()
-        ours = []
-        for i in range(0, len(images), args.batch_size):
-            ours += salience_dropout(backend, pixels[i : i + args.batch_size],
-                                     prompts[i : i + args.batch_size], config)
-        t_ours = (time.perf_counter() - start) / len(images)
-
-        model = BlipForImageTextRetrieval.from_pretrained(tmp).eval()  # parameters require grad
-        tokenizer = AutoProcessor.from_pretrained(tmp).tokenizer
-        reference_maps(model, tokenizer, pixels[:1], prompts[0], config, spec["patch"])  # warm-up
-        start = time.perf_counter()
-        refs = [reference_maps(model, tokenizer, pixels[i : i + 1], prompts[i], config, spec["patch"])
-                for i in range(len(images))]
-        t_ref = (time.perf_counter() - start) / len(images)
-        max_diff = max(float((o.cpu() - r).abs().max()) for o, r in zip(ours, refs))
-        scale = max(float(r.abs().max()) for r in refs)
-
-    result = {
-        "bench": "extraction", "size": args.size, "images": args.images, "rounds": args.rounds,
-        "threads": torch.get_num_threads(), "device": "cpu",
-        "ours_s_per_image": round(t_ours, 4), "reference_s_per_image": round(t_ref, 4),
-        "speedup": round(t_ref / t_ours, 2), "max_abs_diff": max_diff, "max_abs_value": scale,
-    }
-    print(f"{'path':<12}{'s/image':>10}")
-    print(f"{'reference':<12}{t_ref:>10.4f}")
-    print(f"{'ours':<12}{t_ours:>10.4f}   speedup x{t_ref / t_ours:.2f}   max |diff| {max_diff:.2e}"
-          f" (max |map| {scale:.2e})")
+    result = measure_extraction(args.size, args.images, args.rounds, args.batch_size, args.device,
+                                args.image_size, not args.no_reference)
+    print_extraction(result)
+    if not args.no_reference:
+        sweep = measure_head_sweep(args.size, min(args.images, 2), args.device, args.image_size)
+        print_head_sweep(sweep)
+        result = {"extraction": result, "head_sweep": sweep}
     print(json.dumps(result))
 
 

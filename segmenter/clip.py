@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import resolve_model_path
-from .backends.blip import load_error, resolve_device
+from .backends.blip import load_error, resolve_device, resolve_dtype
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 #: the paper's temperature: cosine similarity / 0.01, i.e. logits = 100 x cosine similarity
@@ -31,13 +31,14 @@ class ClipScorer:
         model: str = DEFAULT_CLIP,
         revision: str | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype | None = "auto",
         batch_size: int = 32,
     ) -> None:
         from transformers import AutoProcessor, CLIPModel
 
         self.model_id, self.revision = str(model), revision
-        self.device, self.dtype = resolve_device(device), dtype
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)  # auto: bfloat16/float16 on CUDA
         self.batch_size = max(1, int(batch_size))
         path = resolve_model_path(self.model_id)
         try:
@@ -49,7 +50,7 @@ class ClipScorer:
         except (OSError, ValueError) as err:
             raise load_error("CLIP processor", self.model_id, err) from None
         net.requires_grad_(False)
-        self.model = net.eval().to(self.device, dtype)
+        self.model = net.eval().to(self.device, self.dtype)
         self.tokenizer = processor.tokenizer
         image_processor = processor.image_processor
         self._mean = torch.tensor(image_processor.image_mean, device=self.device).view(1, 3, 1, 1)
