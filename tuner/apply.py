@@ -82,16 +82,41 @@ def segment_paths(
                 progress()
         batch.clear()
 
-    for path in paths:
-        try:
-            batch.append((path, read_image(path)))
-        except (ValueError, OSError) as err:
-            report.failed.append((path, str(err)))
+    for path, image in prefetch_images(paths, ahead=2 * segmenter.batch_size):
+        if isinstance(image, Exception):
+            report.failed.append((path, str(image)))
             if progress is not None:
                 progress()
             continue
+        batch.append((path, image))
         if len(batch) >= segmenter.batch_size:
             flush()
     if batch:
         flush()
     return report
+
+
+def prefetch_images(paths: Sequence[Path], ahead: int = 16, threads: int = 2):
+    """Yield (path, image or the error reading it), decoding up to `ahead` images in threads.
+
+    Image decoding releases the GIL, so the next batch is decoded while the model runs on this one.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(path: Path):
+        try:
+            return read_image(path)
+        except (ValueError, OSError) as err:
+            return err
+
+    with ThreadPoolExecutor(threads) as pool:
+        queue: deque = deque()
+        for path in paths:
+            queue.append((path, pool.submit(load, path)))
+            if len(queue) > ahead:
+                done_path, future = queue.popleft()
+                yield done_path, future.result()
+        while queue:
+            done_path, future = queue.popleft()
+            yield done_path, future.result()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from itertools import repeat
 
 import numpy as np
 import optuna
@@ -138,11 +137,21 @@ class TrialRunner:
 
     def label_maps(self, config: SegmenterConfig, batch: Sequence[TuningImage], maps) -> list[np.ndarray]:
         """Steps 5-10 for a batch: in worker processes when there are some and the work is on CPU."""
+        return self._start_label_maps(config, batch, maps)()
+
+    def _start_label_maps(self, config: SegmenterConfig, batch: Sequence[TuningImage], maps):
+        """Start steps 5-10 for a batch; returns a function that waits for the label maps.
+
+        With worker processes the CRF runs there while the caller sends the next batch through
+        the model, so the GPU does not wait on the CPU post-processing.
+        """
         images = [im.sample.image for im in batch]
         if self.pool is None or config.blur_backend == "torch" or config.crf_backend == "conv":
             device = self.provider.backend.device
-            return [postprocess(image, m, config, device) for image, m in zip(images, maps)]
-        return list(self.pool.map(postprocess, images, maps, repeat(config, len(images))))
+            done = [postprocess(image, m, config, device) for image, m in zip(images, maps)]
+            return lambda: done
+        futures = [self.pool.submit(postprocess, image, m, config) for image, m in zip(images, maps)]
+        return lambda: [f.result() for f in futures]
 
     def evaluate(
         self,
@@ -154,12 +163,10 @@ class TrialRunner:
         n_eval = num_label_classes(self.dataset.class_names)
         confusion = np.zeros((n_eval, n_eval), dtype=np.int64) if labelled else None
         per_image: list[float] = []
-        for start in range(0, len(self.images), self.batch_size):
-            batch = self.images[start : start + self.batch_size]
-            cands = [self.candidates(config, im) for im in batch]
-            maps = self.provider.maps(config, batch, cands)
+
+        def finish(start, batch, cands, maps, label_maps) -> None:
             items = []
-            for im, names, m, label_map in zip(batch, cands, maps, self.label_maps(config, batch, maps)):
+            for im, names, m, label_map in zip(batch, cands, maps, label_maps()):
                 items.append(ScoreInput(
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
                     threshold=config.threshold, vocabulary=self.dataset.vocabulary,
@@ -168,11 +175,12 @@ class TrialRunner:
                 ))
                 if confusion is not None:
                     pred = to_class_ids(label_map, names, self.dataset.class_names)
-                    confusion += confusion_matrix(pred, im.sample.labels, n_eval, self.dataset.ignore_index)
+                    confusion[...] += confusion_matrix(pred, im.sample.labels, n_eval,
+                                                       self.dataset.ignore_index)
             if self.objective is None:  # evaluation only: labels, no objective
                 if on_image is not None:
                     on_image(start + len(batch))
-                continue
+                return
             scores = np.asarray(self.objective.score(items), dtype=np.float64)
             for score in scores:
                 per_image.append(float(score))
@@ -184,6 +192,18 @@ class TrialRunner:
                         raise optuna.TrialPruned(f"pruned after {len(per_image)} images")
                 if on_image is not None:
                     on_image(len(per_image))
+
+        pending = None  # the previous batch, whose post-processing runs while this one's maps do
+        for start in range(0, len(self.images), self.batch_size):
+            batch = self.images[start : start + self.batch_size]
+            cands = [self.candidates(config, im) for im in batch]
+            maps = self.provider.maps(config, batch, cands)
+            started = (start, batch, cands, maps, self._start_label_maps(config, batch, maps))
+            if pending is not None:
+                finish(*pending)
+            pending = started
+        if pending is not None:
+            finish(*pending)
         metrics = {}
         if confusion is not None:
             metrics = _metrics_dict(miou(confusion), self.dataset.class_names)

@@ -1,7 +1,9 @@
 """The shapes world: a procedural benchmark, deterministic by seed, that needs no download.
 
 RGB images with 1-4 coloured shapes of 8 named classes on textured, noisy backgrounds, with
-pixel masks (0 = background) and image-level labels.
+pixel masks (0 = background) and image-level labels. Like real categories, each class has a
+typical look: its geometry and a typical hue (jittered in hue, saturation and value), on
+low-saturation backgrounds. Objects do not overlap, so every object named is fully visible.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from skimage.color import hsv2rgb
 from skimage.draw import disk, polygon
 
 from ._base import Dataset, Sample
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon")
+#: typical hue of each class, in degrees (red, blue, yellow, green, purple, orange, cyan, pink)
+CLASS_HUES = (0.0, 225.0, 55.0, 120.0, 275.0, 28.0, 185.0, 320.0)
 SPLIT_SIZES = {"train": 2000, "val": 200, "test": 200}
 BUNDLED_MODELS = ("blip", "clip")
 TRAIN_COMMAND = "python tools/train_shapes_models.py && python tools/shapes_model_card.py"
@@ -66,10 +71,11 @@ def shape_mask(name: str, size: int, center: tuple[float, float], radius: float,
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A textured, noisy background: a colour gradient, stripes or checks, pixel noise."""
+    """A textured, noisy, low-saturation background: a gradient, stripes or checks, pixel noise."""
     yy, xx = np.mgrid[:size, :size] / size
-    base = rng.uniform(40, 200, size=3)
-    slope = rng.uniform(-60, 60, size=(2, 3))
+    hsv = np.array([rng.uniform(0, 1), rng.uniform(0, 0.25), rng.uniform(0.25, 0.75)])
+    base = hsv2rgb(hsv[None, None])[0, 0] * 255
+    slope = rng.uniform(-40, 40, size=(2, 1)) + rng.uniform(-10, 10, size=(2, 3))
     image = base + yy[..., None] * slope[0] + xx[..., None] * slope[1]
     kind = rng.integers(3)
     period = rng.uniform(4, 12)
@@ -84,20 +90,33 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return image
 
 
+def class_colour(cls: int, rng: np.random.Generator) -> np.ndarray:
+    """An RGB colour (0-255) of class `cls`: its typical hue +-10 degrees, saturated, fairly bright."""
+    hue = (CLASS_HUES[cls] + rng.uniform(-10, 10)) % 360 / 360
+    return hsv2rgb(np.array([[[hue, rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0)]]]))[0, 0] * 255
+
+
 def render_shapes(seed: int, size: int = 64, max_objects: int = 4):
-    """One scene: (image [S, S, 3] uint8, mask [S, S] class ids with 0 = background)."""
+    """One scene: (image [S, S, 3] uint8, mask [S, S] class ids with 0 = background).
+
+    1 to `max_objects` objects of distinct classes, placed without overlap (an object that finds
+    no free place in 30 tries is left out, but the first always fits).
+    """
     rng = np.random.default_rng(seed)
     image = _background(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
     count = int(rng.integers(1, max_objects + 1))
     classes = rng.choice(len(SHAPE_CLASSES), size=count, replace=False)
     for cls in classes:
-        radius = rng.uniform(0.12, 0.24) * size
-        center = rng.uniform(radius, size - radius, size=2)
-        region = shape_mask(SHAPE_CLASSES[cls], size, tuple(center), radius, rng.uniform(0, np.pi))
-        colour = rng.uniform(0, 255, size=3)
-        while np.abs(colour - image[region].mean(0)).sum() < 150 if region.any() else False:
-            colour = rng.uniform(0, 255, size=3)
+        for _ in range(30):
+            radius = rng.uniform(0.12, 0.24) * size
+            center = rng.uniform(radius, size - radius, size=2)
+            region = shape_mask(SHAPE_CLASSES[cls], size, tuple(center), radius, rng.uniform(0, np.pi))
+            if region.any() and not mask[region].any():
+                break
+        else:
+            continue
+        colour = class_colour(int(cls), rng)
         image[region] = colour + rng.normal(0, 6, size=(int(region.sum()), 3))
         mask[region] = cls + 1
     return np.clip(image, 0, 255).astype(np.uint8), mask
