@@ -14,8 +14,10 @@ size as well, never a val/test scene), so everything downstream runs the real-mo
   matches when every name it lists is in the image: positives list all present classes or a
   random subset (so single-name captions, as the `itm_threshold` candidate rule asks, work),
   negatives are hard ones (a present class swapped for an absent one, an absent one added, a
-  single absent name) and other images' captions. A one-layer ViT keeps patch tokens local,
-  which is what lets the text cross-attention localise.
+  single absent name) and other images' captions. A one-layer ViT with 4 x 4 px patches (a
+  16 x 16 grid) keeps patch tokens local, which is what lets the text cross-attention localise;
+  deeper ViTs mix the patches and localise poorly, and 8 x 8 px patches cap the IoU of a perfect
+  patch map at 0.64 on these small objects.
 - CLIP: contrastive, text = bare class-name lists (a quarter with the "a picture of " prefix),
   images = scenes and single objects cut out on black (what the CLIP reward shows it). A text
   is a positive for every image of the batch that holds all of its classes.
@@ -59,25 +61,21 @@ class TrainSettings:
 
     seed: int = 0
     scenes: int = 16000  # multi-object train scenes for the two models
-    patch: int = 8
-    # the CNN teacher whose per-patch features warm-start both ViTs
-    teacher_scenes: int = 4000  # single-object train scenes (indices after the multi-object ones)
-    teacher_steps: int = 3000
-    teacher_width: int = 192
-    distil_steps: int = 3000
     # BLIP ITM
     blip_steps: int = 2000
     blip_batch: int = 32
     blip_lr: float = 5e-4
     blip_vision_layers: int = 1
     blip_text_layers: int = 4
-    blip_hidden: int = 96
+    blip_hidden: int = 64
     blip_heads: int = 4
+    blip_patch: int = 4
     # CLIP
     clip_steps: int = 1500
     clip_batch: int = 64
     clip_lr: float = 5e-4
     clip_vision_layers: int = 2
+    clip_patch: int = 8
     clip_masked_fraction: float = 0.25
 
 
@@ -148,83 +146,7 @@ def hard_negative(present: list[int], rng: np.random.Generator) -> list[int]:
     return chosen
 
 
-# --- the teacher: a CNN that learns the shapes fast, distilled into the ViTs' patch tokens -------------
-class PatchTeacher(torch.nn.Module):
-    """p x p stride-p convolution, GELU, 1x1 convolution, GELU: one feature vector per ViT patch.
-
-    Trained as a classifier (features max-pooled over patches, then linear) on single-object scenes;
-    only image-level labels are used. A ViT from scratch learns the shapes many times slower.
-    """
-
-    def __init__(self, patch: int, width: int) -> None:
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, width, patch, stride=patch), torch.nn.GELU(),
-            torch.nn.Conv2d(width, width, 1), torch.nn.GELU(),
-        )
-        self.head = torch.nn.Linear(width, len(SHAPE_CLASSES))
-
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Per-patch features, row-major like ViT tokens. # [B, N, width]"""
-        return self.body(pixels).flatten(2).transpose(1, 2)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixels).amax(1))  # [B, classes]
-
-
-def train_teacher(settings: TrainSettings, log) -> PatchTeacher:
-    """Cross-entropy on single-object train scenes, batch 16."""
-    torch.manual_seed(settings.seed + 2)
-    rng = np.random.default_rng(settings.seed + 2)
-    gen = torch.Generator().manual_seed(settings.seed + 2)
-    images, masks = training_scenes(settings.seed, settings.teacher_scenes, first=settings.scenes, max_objects=1)  # noqa: E501
-    labels = torch.tensor([p[0] for p in present_classes(masks)])
-    teacher = PatchTeacher(settings.patch, settings.teacher_width)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=1e-3)
-    all_images, recent, start = torch.from_numpy(images), [], time.time()
-    for step in range(settings.teacher_steps):
-        pick = rng.choice(len(images), size=16, replace=False)
-        x, _ = augment(all_images[pick], torch.from_numpy(masks[pick]), gen)
-        logits = teacher(normalise(x))
-        loss = F.cross_entropy(logits, labels[pick])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        recent.append((logits.argmax(1) == labels[pick]).float().mean().item())
-        if (step + 1) % 1000 == 0 or step + 1 == settings.teacher_steps:
-            log(f"teacher step {step + 1}/{settings.teacher_steps} train acc {np.mean(recent):.3f} "
-                f"({time.time() - start:.0f}s)")
-            recent = []
-    return teacher.eval().requires_grad_(False)
-
-
-def distil_patches(vision, hidden: int, teacher: PatchTeacher, images: np.ndarray, settings: TrainSettings,
-                   log) -> None:
-    """Train a ViT's patch tokens to predict the teacher's per-patch features (through a linear map)."""
-    rng = np.random.default_rng(settings.seed + 3)
-    gen = torch.Generator().manual_seed(settings.seed + 3)
-    adapter = torch.nn.Linear(hidden, settings.teacher_width)
-    optimizer = torch.optim.AdamW([*vision.parameters(), *adapter.parameters()], lr=1e-3)
-    all_images, recent, start = torch.from_numpy(images), [], time.time()
-    for step in range(settings.distil_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, settings.distil_steps, 1e-3)
-        pick = rng.choice(len(images), size=16, replace=False)
-        x, _ = augment(all_images[pick], all_images[pick, ..., 0], gen)
-        pixels = normalise(x)
-        target = teacher.features(pixels)  # [B, N, width]
-        tokens = vision(pixel_values=pixels).last_hidden_state[:, 1:]  # [B, N, D]
-        loss = F.mse_loss(adapter(tokens), target) / target.var()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        recent.append(loss.item())
-        if (step + 1) % 1000 == 0 or step + 1 == settings.distil_steps:
-            log(f"distil step {step + 1}/{settings.distil_steps} relative error {np.mean(recent):.3f} "
-                f"({time.time() - start:.0f}s)")
-            recent = []
-
-
+# --- training helpers ----------------------------------------------------------------------------
 def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     """Linear warm-up, then cosine decay to 2% of the peak."""
     if step < warmup:
@@ -268,7 +190,7 @@ def build_blip(settings: TrainSettings):
         ),
         vision_config=dict(
             hidden_size=hidden, num_hidden_layers=settings.blip_vision_layers, num_attention_heads=heads,
-            intermediate_size=4 * hidden, image_size=IMAGE_SIZE, patch_size=settings.patch,
+            intermediate_size=4 * hidden, image_size=IMAGE_SIZE, patch_size=settings.blip_patch,
             initializer_range=0.02,  # the default 1e-10 starts the ViT dead (its output ~0)
         ),
         image_text_hidden_size=64,
@@ -295,14 +217,12 @@ def itm_logits(model, tokenizer, image_embeds: torch.Tensor, captions: list[list
     return model.itm_head(text[:, 0, :])
 
 
-def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, teacher: PatchTeacher,
-               log) -> tuple:
-    """Distil the teacher into the ViT, then ITM with balanced positives and negatives (3/4 hard)."""
+def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, log) -> tuple:
+    """ITM from scratch with balanced positives and negatives (3/4 of the negatives hard)."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     model, processor = build_blip(settings)
-    distil_patches(model.vision_model, settings.blip_hidden, teacher, images, settings, log)
     model.train()
     tokenizer = processor.tokenizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.blip_lr, weight_decay=0.05)
@@ -370,7 +290,7 @@ def build_clip(settings: TrainSettings):
         vision_config=dict(
             hidden_size=96, num_hidden_layers=settings.clip_vision_layers, num_attention_heads=4,
             intermediate_size=384,
-            image_size=IMAGE_SIZE, patch_size=settings.patch,
+            image_size=IMAGE_SIZE, patch_size=settings.clip_patch,
         ),
         projection_dim=64,
     )
@@ -395,15 +315,13 @@ def single_objects(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Gen
     return out, classes
 
 
-def train_clip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, teacher: PatchTeacher,
-               log) -> tuple:
-    """Distil the teacher into the ViT, then multi-positive InfoNCE (text j is a positive of image i
-    when i holds all of j's classes)."""
+def train_clip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, log) -> tuple:
+    """Multi-positive InfoNCE from scratch (text j is a positive of image i when i holds all of
+    j's classes)."""
     torch.manual_seed(settings.seed + 1)
     rng = np.random.default_rng(settings.seed + 1)
     gen = torch.Generator().manual_seed(settings.seed + 1)
     model, processor = build_clip(settings)
-    distil_patches(model.vision_model, model.config.vision_config.hidden_size, teacher, images, settings, log)
     model.train()
     tokenizer = processor.tokenizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.clip_lr, weight_decay=0.05)
@@ -461,11 +379,10 @@ def train_and_save(kind: str, settings: TrainSettings, out: Path) -> None:
         print(f"[{kind}] {message}", flush=True)
 
     start = time.time()
-    teacher = train_teacher(settings, log)  # the same (seeded) teacher in both processes
     images, masks = training_scenes(settings.seed, settings.scenes)
     log(f"rendered {len(images)} training scenes ({time.time() - start:.0f}s)")
     train = train_blip if kind == "blip" else train_clip
-    model, processor, _ = train(settings, images, masks, teacher, log)
+    model, processor, _ = train(settings, images, masks, log)
     save(model, processor, out / kind, settings, time.time() - start)
     log(f"saved {out / kind} ({time.time() - start:.0f}s)")
 
