@@ -1,0 +1,75 @@
+"""The shapes world's bundled models and the offline default `tune run` (no --dataset)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from segmenter import build_prompt
+from segmenter.backends.blip import BlipBackend
+from segmenter.clip import ClipScorer
+from tuner.datasets.shapes import SHAPE_CLASSES, ShapesDataset, bundled_model_path
+from tuner.spec import builtin_spec_path, load_spec
+
+MODELS = Path(bundled_model_path("blip")).parent
+
+
+def held_out(count: int):
+    data = ShapesDataset(seed=0)
+    return [data.load("test", sample_id) for sample_id in data.ids("test")[:count]]
+
+
+def test_bundled_models_are_small_and_documented():
+    size = sum(f.stat().st_size for f in MODELS.rglob("*") if f.is_file())
+    assert size < 10 * 1024**2
+    card = (MODELS / "MODEL_CARD.md").read_text()
+    facts = ("python tools/train_shapes_models.py", "seed", "ITM accuracy", "zero-shot", "| layer | head |")
+    for fact in facts:
+        assert fact in card
+
+
+def test_bundled_blip_tells_matching_from_hard_negative_captions():
+    backend = BlipBackend(bundled_model_path("blip"), device="cpu")
+    rng = np.random.default_rng(0)
+    right = []
+    for sample in held_out(40):
+        present = list(sample.image_classes)
+        absent = [c for c in SHAPE_CLASSES if c not in present]
+        swapped = [*present[1:], str(rng.choice(absent))]
+        texts = [build_prompt("a picture of ", names).text for names in (present, swapped)]
+        scores = backend.itm_scores(backend.prepare_images([sample.image], 64), texts)[0]
+        right += [bool(scores[0] > 0.5), bool(scores[1] < 0.5)]
+    assert np.mean(right) >= 0.9
+
+
+def test_bundled_clip_names_single_objects():
+    clip = ClipScorer(bundled_model_path("clip"), device="cpu")
+    singles = [s for s in held_out(200) if len(s.image_classes) == 1][:30]
+    probs = clip.probabilities(clip.image_embeddings([s.image for s in singles]), list(SHAPE_CLASSES))
+    predicted = [SHAPE_CLASSES[i] for i in probs.argmax(1).tolist()]
+    assert np.mean([p == s.image_classes[0] for p, s in zip(predicted, singles)]) >= 0.9
+
+
+def test_default_study_uses_the_bundled_models():
+    spec = load_spec(builtin_spec_path("shapes"))
+    assert spec.dataset == "shapes"
+    assert spec.fixed.model == "pkg://tuner.datasets/shapes_models/blip"
+    assert spec.objective_options["clip_model"] == "pkg://tuner.datasets/shapes_models/clip"
+
+
+def test_tune_run_without_dataset_runs_the_shapes_world_offline(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuner.cli", "run", "--trials", "3", "--images", "8"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "model: pkg://tuner.datasets/shapes_models/blip" in out  # the best config, printed
+    assert "best trial #" in out and "mIoU" in out
+    assert "default config" in out
+    assert (tmp_path / "runs" / "tune.db").is_file()  # the study, resumable
