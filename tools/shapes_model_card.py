@@ -238,6 +238,13 @@ def write_card(models: Path, itm: dict, clip: dict, iou: np.ndarray, raw: np.nda
         f"({'met' if clip['single_object'] >= 0.9 else 'NOT met'}), best GradCAM (layer, head) IoU >= 0.5 "
         f"({'met' if ranked[best] >= 0.5 else 'NOT met'}) with the median clearly lower.",
         "",
+        "Why GradCAM lags raw attention in these models: the heads that localise put nearly all of a "
+        "class token's attention on its object, but dScore/dA on those patches is negative for a "
+        "class-dependent share of (image, class) pairs, so clamp(dScore/dA, min=0) zeroes the object "
+        "and the map peaks elsewhere. The gradient with respect to softmax probabilities carries an "
+        "offset that the forward pass does not constrain; large pretrained BLIP models happen to keep "
+        "it positive where they look, tiny ones trained for minutes do not reliably.",
+        "",
         "### GradCAM localisation IoU per (layer, head)",
         "",
         "Per held-out image, `BlipBackend.gradcam` for the caption `\"a picture of \"` + its present classes "
