@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from _models import BLIP_SIZES, CLIP_SIZES, save_random_blip, save_random_clip
-from bench_extraction import measure_extraction, measure_head_sweep, print_extraction, print_head_sweep
+from bench_extraction import ExtractionBench, print_extraction, print_head_sweep, sync
 from bench_trials import measure_trials, print_trials
 
-from segmenter.backends import resolve_batch_size
-from segmenter.backends.blip import BlipBackend, resolve_device
+from segmenter.backends.blip import resolve_device
 from segmenter.clip import ClipScorer
 from tuner.spec import parse_spec
 
@@ -51,12 +50,10 @@ def measure_clip(path: str, images: int, device: str) -> dict:
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(images)]
     scorer.image_embeddings(crops[:2])  # warm-up
-    if scorer.device.type == "cuda":
-        torch.cuda.synchronize(scorer.device)
+    sync(scorer.device)
     start = time.perf_counter()
     scorer.image_embeddings(crops)
-    if scorer.device.type == "cuda":
-        torch.cuda.synchronize(scorer.device)
+    sync(scorer.device)
     seconds = time.perf_counter() - start
     return {"bench": "clip", "images": images, "input_size": size, "device": str(scorer.device),
             "dtype": str(scorer.dtype), "images_per_s": round(images / seconds, 2)}
@@ -119,17 +116,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         blip, clip = save_random_blip(args.size, f"{tmp}/blip"), save_random_clip(args.size, f"{tmp}/clip")
-        batch = args.batch_size
-        if batch == "auto":
-            backend = BlipBackend(blip, device=device)
-            batch = resolve_batch_size("auto", backend, args.image_size or BLIP_SIZES[args.size]["image"])
-            del backend
-        results["extraction"] = measure_extraction(
-            args.size, args.extract_images or (8 if small else 2), args.rounds, int(batch), device,
-            args.image_size)
+        images = args.extract_images or (8 if small else 2)
+        extraction = ExtractionBench(blip, args.size, device, args.image_size, images)
+        results["extraction"] = extraction.extraction(images, args.rounds, args.batch_size)
         print_extraction(results["extraction"])
-        results["head_sweep"] = measure_head_sweep(args.size, 2 if small else 1, device, args.image_size)
+        results["head_sweep"] = extraction.head_sweep(2 if small else 1)
         print_head_sweep(results["head_sweep"])
+        del extraction  # its two models
         print()
         results["trials"] = measure_trials(
             trial_spec(blip, clip, args.size), args.trials or (6 if small else 3),

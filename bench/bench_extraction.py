@@ -23,6 +23,7 @@ import torch
 from _models import BLIP_SIZES, save_random_blip
 
 from segmenter import SegmenterConfig, build_prompt, salience_dropout
+from segmenter.backends import resolve_batch_size
 from segmenter.backends.blip import BlipBackend
 from segmenter.pipeline import select_patches
 
@@ -64,108 +65,90 @@ def reference_maps(model, tokenizer, pixels, prompt, config, patch):
     return total
 
 
-def measure_extraction(size: str, images: int = 8, rounds: int = 4, batch_size: int = 8,
-                       device: str = "cpu", image_size: int | None = None, reference: bool = True) -> dict:
-    """Seconds per image of our path and the reference-style one, and how far their maps differ.
+class ExtractionBench:
+    """One saved BLIP, loaded once for our path and once as the reference-style model, and random
+    input images: what both measurements below share."""
 
-    Our path runs in the backend's default dtype (bfloat16 on a GPU, float32 on CPU); the
-    reference-style path in float32 (as the original code) on the same device.
-    """
-    from transformers import AutoProcessor, BlipForImageTextRetrieval
+    def __init__(self, path: str, size: str, device: str = "cpu", image_size: int | None = None,
+                 images: int = 8) -> None:
+        from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-    rng = np.random.default_rng(0)
-    spec = BLIP_SIZES[size]
-    with tempfile.TemporaryDirectory() as tmp:
-        save_random_blip(size, tmp)
-        side = image_size or spec["image"]
-        config = SegmenterConfig(model=tmp, image_size=side, layer=8 if size != "tiny" else 2,
-                                 heads=(1,), dropout_rounds=rounds, dropout_k=10)
-        backend = BlipBackend(tmp, device=device)
-        pictures = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-                    for _ in range(images)]
-        prompts = [build_prompt(config.prompt_prefix, CLASSES) for _ in pictures]
-        pixels = backend.prepare_images(pictures, config.image_size)
+        self.path, self.size, self.patch = path, size, BLIP_SIZES[size]["patch"]
+        self.side = image_size or BLIP_SIZES[size]["image"]
+        self.layer = 8 if size != "tiny" else 2
+        self.backend = BlipBackend(path, device=device)
+        rng = np.random.default_rng(0)
+        pictures = [rng.integers(0, 256, (self.side, self.side, 3), dtype=np.uint8) for _ in range(images)]
+        self.prompts = [build_prompt("a picture of ", CLASSES) for _ in pictures]
+        self.pixels = self.backend.prepare_images(pictures, self.side)
+        # parameters require grad, float32, eager attention everywhere: the original code's setup
+        self.model = BlipForImageTextRetrieval.from_pretrained(path).eval().to(self.backend.device)
+        self.tokenizer = AutoProcessor.from_pretrained(path).tokenizer
 
-        salience_dropout(backend, pixels[:1], prompts[:1], config)  # warm-up
-        sync(backend.device)
+    def config(self, **changes) -> SegmenterConfig:
+        return SegmenterConfig(model=self.path, image_size=self.side, layer=self.layer, **changes)
+
+    def timed(self, function, images: int):
+        """(result, seconds per image) of `function(images)`, after a warm-up `function(1)`."""
+        function(1)
+        sync(self.backend.device)
         start = time.perf_counter()
-        ours = []
-        for i in range(0, images, batch_size):
-            ours += salience_dropout(backend, pixels[i : i + batch_size], prompts[i : i + batch_size], config)
-        sync(backend.device)
-        t_ours = (time.perf_counter() - start) / images
+        result = function(images)
+        sync(self.backend.device)
+        return result, (time.perf_counter() - start) / images
+
+    def reference(self, config: SegmenterConfig, images: int) -> list[torch.Tensor]:
+        return [reference_maps(self.model, self.tokenizer, self.pixels[i : i + 1].float(), self.prompts[i],
+                               config, self.patch) for i in range(images)]
+
+    def extraction(self, images: int, rounds: int = 4, batch_size: int | str = 8,
+                   reference: bool = True) -> dict:
+        """Seconds per image of our path and the reference-style one with `rounds` dropout rounds.
+
+        Our path runs in the backend's default dtype (bfloat16 on a GPU, float32 on CPU); the
+        reference-style path in float32 (as the original code) on the same device.
+        """
+        config = self.config(heads=(1,), dropout_rounds=rounds, dropout_k=10)
+        batch = resolve_batch_size(batch_size, self.backend, self.side)
+
+        def ours(count: int) -> list[torch.Tensor]:
+            pixels, prompts = self.pixels[:count], self.prompts[:count]
+            return [m for i in range(0, count, batch) for m in salience_dropout(
+                self.backend, pixels[i : i + batch], prompts[i : i + batch], config)]
+
+        maps, t_ours = self.timed(ours, images)
         result = {
-            "bench": "extraction", "size": size, "images": images, "rounds": rounds, "image_size": side,
-            "threads": torch.get_num_threads(), "device": str(backend.device), "dtype": str(backend.dtype),
-            "batch_size": batch_size, "ours_s_per_image": round(t_ours, 4),
+            "bench": "extraction", "size": self.size, "images": images, "rounds": rounds,
+            "image_size": self.side, "threads": torch.get_num_threads(), "device": str(self.backend.device),
+            "dtype": str(self.backend.dtype), "batch_size": batch, "ours_s_per_image": round(t_ours, 4),
             "ours_images_per_s": round(1 / t_ours, 2),
         }
         if not reference:
             return result
+        refs, t_ref = self.timed(lambda count: self.reference(config, count), images)
+        max_diff = max(float((o.float().cpu() - r.cpu()).abs().max()) for o, r in zip(maps, refs))
+        return {**result, "reference_s_per_image": round(t_ref, 4), "speedup": round(t_ref / t_ours, 2),
+                "max_abs_diff": max_diff, "max_abs_value": max(float(r.abs().max()) for r in refs)}
 
-        # parameters require grad, float32, eager attention everywhere: the original code's setup
-        model = BlipForImageTextRetrieval.from_pretrained(tmp).eval().to(backend.device)
-        tokenizer = AutoProcessor.from_pretrained(tmp).tokenizer
-        pixels = pixels.float()
-        reference_maps(model, tokenizer, pixels[:1], prompts[0], config, spec["patch"])  # warm-up
-        sync(backend.device)
-        start = time.perf_counter()
-        refs = [reference_maps(model, tokenizer, pixels[i : i + 1], prompts[i], config, spec["patch"])
-                for i in range(images)]
-        sync(backend.device)
-        t_ref = (time.perf_counter() - start) / images
-        max_diff = max(float((o.float().cpu() - r.cpu()).abs().max()) for o, r in zip(ours, refs))
-        scale = max(float(r.abs().max()) for r in refs)
-    return {**result, "reference_s_per_image": round(t_ref, 4), "speedup": round(t_ref / t_ours, 2),
-            "max_abs_diff": max_diff, "max_abs_value": scale}
+    def head_sweep(self, images: int = 2) -> dict:
+        """Maps of every head of one layer (one round), as a search over heads needs them.
 
-
-def measure_head_sweep(size: str, images: int = 2, device: str = "cpu",
-                       image_size: int | None = None) -> dict:
-    """Maps of every head of one layer (one round), as a search over heads needs them.
-
-    Ours: one GradCAM pass gives every head. Reference-style: the original code runs a full
-    forward and backward per head configuration.
-    """
-    from transformers import AutoProcessor, BlipForImageTextRetrieval
-
-    rng = np.random.default_rng(1)
-    spec = BLIP_SIZES[size]
-    with tempfile.TemporaryDirectory() as tmp:
-        save_random_blip(size, tmp)
-        side = image_size or spec["image"]
-        layer = 8 if size != "tiny" else 2
-        backend = BlipBackend(tmp, device=device)
-        pictures = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(images)]
-        prompts = [build_prompt("a picture of ", CLASSES) for _ in pictures]
-        pixels = backend.prepare_images(pictures, side)
-        backend.gradcam(pixels[:1], prompts[:1], [layer])  # warm-up
-        sync(backend.device)
-        start = time.perf_counter()
-        ours = backend.gradcam(pixels, prompts, [layer])  # per image [1, heads, C, gh, gw]
-        sync(backend.device)
-        t_ours = (time.perf_counter() - start) / images
-
-        model = BlipForImageTextRetrieval.from_pretrained(tmp).eval().to(backend.device)
-        tokenizer = AutoProcessor.from_pretrained(tmp).tokenizer
-        pixels = pixels.float()
-        heads = range(backend.num_heads)
-        one = [SegmenterConfig(model=tmp, image_size=side, layer=layer, heads=(h,), dropout_rounds=1)
-               for h in heads]
-        sync(backend.device)
-        start = time.perf_counter()
-        refs = [[reference_maps(model, tokenizer, pixels[i : i + 1], prompts[i], one[h], spec["patch"])
-                 for h in heads] for i in range(images)]
-        sync(backend.device)
-        t_ref = (time.perf_counter() - start) / images
-        max_diff = max(float((ours[i][0, h].float().cpu() - refs[i][h].cpu()).abs().max())
+        Ours: one GradCAM pass gives every head. Reference-style: the original code runs a full
+        forward and backward per head configuration.
+        """
+        heads = range(self.backend.num_heads)
+        ours, t_ours = self.timed(lambda count: self.backend.gradcam(  # per image [1, heads, C, gh, gw]
+            self.pixels[:count], self.prompts[:count], [self.layer]), images)
+        per_head = [self.config(heads=(h,), dropout_rounds=1) for h in heads]
+        refs, t_ref = self.timed(lambda count: [self.reference(c, count) for c in per_head], images)
+        max_diff = max(float((ours[i][0, h].float().cpu() - refs[h][i].cpu()).abs().max())
                        for i in range(images) for h in heads)
-    return {
-        "bench": "head_sweep", "size": size, "images": images, "image_size": side, "layer": layer,
-        "heads": backend.num_heads, "device": str(backend.device), "ours_s_per_image": round(t_ours, 4),
-        "reference_s_per_image": round(t_ref, 4), "speedup": round(t_ref / t_ours, 2),
-        "max_abs_diff": max_diff,
-    }
+        return {
+            "bench": "head_sweep", "size": self.size, "images": images, "image_size": self.side,
+            "layer": self.layer, "heads": self.backend.num_heads, "device": str(self.backend.device),
+            "ours_s_per_image": round(t_ours, 4), "reference_s_per_image": round(t_ref, 4),
+            "speedup": round(t_ref / t_ours, 2), "max_abs_diff": max_diff,
+        }
 
 
 def print_head_sweep(result: dict) -> None:
@@ -201,7 +184,7 @@ def main() -> None:
     parser.add_argument("--size", choices=list(BLIP_SIZES), default="tiny")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", default="8", help="a number, or auto (from free GPU memory)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--image-size", type=int, default=None, help="default: the model's own")
@@ -213,13 +196,15 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    result = measure_extraction(args.size, args.images, args.rounds, args.batch_size, args.device,
-                                args.image_size, not args.no_reference)
-    print_extraction(result)
-    if not args.no_reference:
-        sweep = measure_head_sweep(args.size, min(args.images, 2), args.device, args.image_size)
-        print_head_sweep(sweep)
-        result = {"extraction": result, "head_sweep": sweep}
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = ExtractionBench(save_random_blip(args.size, tmp), args.size, args.device, args.image_size,
+                                args.images)
+        result = bench.extraction(args.images, args.rounds, args.batch_size, not args.no_reference)
+        print_extraction(result)
+        if not args.no_reference:
+            sweep = bench.head_sweep(min(args.images, 2))
+            print_head_sweep(sweep)
+            result = {"extraction": result, "head_sweep": sweep}
     print(json.dumps(result))
 
 
