@@ -14,12 +14,13 @@ DEFAULT_DATASET = "shapes"
 
 
 def parse_batch_size(text: str) -> str | int:
-    """--batch-size: a positive integer or auto (kept free of torch so `tune --help` stays fast)."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'auto'")
-    return int(text)
+    """--batch-size: segmenter's rule (a positive integer or auto), as an argparse error."""
+    from segmenter.backends import parse_batch_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _storage_arg(p: argparse.ArgumentParser) -> None:

@@ -135,15 +135,11 @@ class TrialRunner:
         self.report = report  # "instance": per-image values (Wilcoxon); "mean": running mean
         self.pool = pool  # worker processes for the CPU post-processing (the dense CRF holds the GIL)
 
-    def label_maps(self, config: SegmenterConfig, batch: Sequence[TuningImage], maps) -> list[np.ndarray]:
-        """Steps 5-10 for a batch: in worker processes when there are some and the work is on CPU."""
-        return self._start_label_maps(config, batch, maps)()
-
     def _start_label_maps(self, config: SegmenterConfig, batch: Sequence[TuningImage], maps):
         """Start steps 5-10 for a batch; returns a function that waits for the label maps.
 
-        With worker processes the CRF runs there while the caller sends the next batch through
-        the model, so the GPU does not wait on the CPU post-processing.
+        In worker processes when there are some and the work is on CPU: the CRF runs there while
+        the caller sends the next batch through the model, so the GPU does not wait on it.
         """
         images = [im.sample.image for im in batch]
         if self.pool is None or config.blur_backend == "torch" or config.crf_backend == "conv":

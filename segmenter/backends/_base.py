@@ -143,7 +143,11 @@ class Backend(abc.ABC):
         before = torch.cuda.memory_allocated(self.device)
         pixels = torch.zeros(2, 3, image_size, image_size, device=self.device)
         prompt = build_prompt("a picture of ", ["a"] * classes)
-        self.gradcam(pixels, [prompt, prompt], list(range(1, self.num_layers + 1)))
+        try:
+            self.gradcam(pixels, [prompt, prompt], list(range(1, self.num_layers + 1)))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return 1  # not even two images fit now: one at a time
         per_image = (torch.cuda.max_memory_allocated(self.device) - before) / 2
         free, _total = torch.cuda.mem_get_info(self.device)
         return batch_size_for_memory(free, per_image, cap)

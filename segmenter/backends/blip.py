@@ -43,16 +43,13 @@ def _sdpa_attention(self, hidden_states: torch.Tensor, **_kwargs) -> tuple[torch
     return self.projection(context.transpose(1, 2).reshape(batch, length, dim)), None
 
 
-def use_sdpa_vision_attention(vision_model: torch.nn.Module) -> int:
-    """Route every ViT self-attention of a BLIP vision model through SDPA; returns how many."""
+def use_sdpa_vision_attention(vision_model: torch.nn.Module) -> None:
+    """Route every ViT self-attention of a BLIP vision model through SDPA."""
     from transformers.models.blip.modeling_blip import BlipAttention
 
-    count = 0
     for module in vision_model.modules():
         if isinstance(module, BlipAttention):
             module.forward = types.MethodType(_sdpa_attention, module)
-            count += 1
-    return count
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
