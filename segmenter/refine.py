@@ -35,29 +35,45 @@ def torch_gaussian_blur(channels: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
-def _neighbours(x: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
-    """Values of the (2r+1)^2 - 1 window neighbours of every pixel. # [1, ch, K*K-1, h, w]"""
-    size = 2 * radius + 1
-    pad = radius * dilation
-    cols = F.unfold(F.pad(x, (pad, pad, pad, pad), mode="replicate"), size, dilation=dilation)
-    cols = cols.view(1, x.shape[1], size * size, *x.shape[2:])
-    centre = size * size // 2
-    return torch.cat([cols[:, :, :centre], cols[:, :, centre + 1 :]], dim=2)
+def _offsets(radius: int, dilation: int) -> list[tuple[int, int]]:
+    """(dy, dx) of the (2r+1)^2 - 1 window neighbours, in pixels, centre left out."""
+    steps = [i * dilation for i in range(-radius, radius + 1)]
+    return [(dy, dx) for dy in steps for dx in steps if (dy, dx) != (0, 0)]
+
+
+def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, height: int, width: int) -> torch.Tensor:
+    """The view of an edge-replicated tensor [..., h + 2 pad, w + 2 pad] at offset (dy, dx)."""
+    return padded[..., pad + dy : pad + dy + height, pad + dx : pad + dx + width]
 
 
 def _window_kernel(rgb, radius, dilation, scale, sxy, srgb=None) -> torch.Tensor:
-    """Normalised Gaussian (or bilateral, with `srgb`) weights of the window. # [1, K*K-1, h, w]"""
-    steps = torch.arange(-radius, radius + 1, device=rgb.device, dtype=torch.float32) * dilation
-    dy, dx = torch.meshgrid(steps, steps, indexing="ij")
-    dist2 = (dy**2 + dx**2).flatten() / scale**2  # in pixels of the original image
-    centre = dist2.numel() // 2
-    dist2 = torch.cat([dist2[:centre], dist2[centre + 1 :]]).view(1, -1, 1, 1)
-    energy = dist2 / (2 * sxy**2)
+    """Normalised Gaussian (or bilateral, with `srgb`) weights of the window. # [K*K-1, h, w]"""
+    offsets = _offsets(radius, dilation)
+    dist2 = torch.tensor([dy * dy + dx * dx for dy, dx in offsets], dtype=torch.float32, device=rgb.device)
+    energy = (dist2 / scale**2 / (2 * sxy**2)).view(-1, 1, 1)  # distances in pixels of the original image
+    height, width = rgb.shape[-2:]
     if srgb is not None:
-        colour2 = ((_neighbours(rgb, radius, dilation) - rgb[:, :, None]) ** 2).sum(1)
+        pad = radius * dilation
+        padded = F.pad(rgb, (pad, pad, pad, pad), mode="replicate")[0]  # [3, h + 2 pad, w + 2 pad]
+        colour2 = torch.stack([((_shifted(padded, pad, dy, dx, height, width) - rgb[0]) ** 2).sum(0)
+                               for dy, dx in offsets])  # [K*K-1, h, w]
         energy = energy + colour2 / (2 * srgb**2)
-    weights = torch.exp(-energy).expand(1, -1, *rgb.shape[2:])
-    return weights / weights.sum(1, keepdim=True).clamp_min(1e-12)  # normalised, as the lattice does
+    weights = torch.exp(-energy).expand(-1, height, width)
+    return weights / weights.sum(0, keepdim=True).clamp_min(1e-12)  # normalised, as the lattice does
+
+
+def _message(q: torch.Tensor, weights: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
+    """sum over window neighbours j of weights_j * q(x + offset_j), for q [C, h, w]. # [C, h, w]
+
+    One shifted view at a time, accumulated in place: no [C, K*K, h, w] tensor is built, which
+    keeps the working set in cache on a CPU.
+    """
+    pad, (height, width) = radius * dilation, q.shape[-2:]
+    padded = F.pad(q[None], (pad, pad, pad, pad), mode="replicate")[0]
+    out = torch.zeros_like(q)
+    for weight, (dy, dx) in zip(weights, _offsets(radius, dilation)):
+        out.addcmul_(_shifted(padded, pad, dy, dx, height, width), weight)
+    return out
 
 
 def conv_crf(image: np.ndarray, probs: np.ndarray, config, device=None) -> np.ndarray:
@@ -80,10 +96,11 @@ def conv_crf(image: np.ndarray, probs: np.ndarray, config, device=None) -> np.nd
     near = max(1, round(config.crf_gaussian_sxy * scale / r))
     spatial = _window_kernel(rgb, r, near, scale, config.crf_gaussian_sxy)
     bilateral = _window_kernel(rgb, r, wide, scale, config.crf_bilateral_sxy, config.crf_bilateral_srgb)
-    q = torch.softmax(-unary, dim=1)
+    unary = unary[0]
+    q = torch.softmax(-unary, dim=0)
     for _ in range(config.crf_iterations):
-        message = (config.crf_gaussian_compat * (_neighbours(q, r, near) * spatial[:, None]).sum(2)
-                   + config.crf_bilateral_compat * (_neighbours(q, r, wide) * bilateral[:, None]).sum(2))
-        q = torch.softmax(-unary + message, dim=1)  # Potts: agreeing neighbours lower the energy
-    q = F.interpolate(q, size=(height, width), mode="bilinear", align_corners=False)
+        message = (config.crf_gaussian_compat * _message(q, spatial, r, near)
+                   + config.crf_bilateral_compat * _message(q, bilateral, r, wide))
+        q = torch.softmax(-unary + message, dim=0)  # Potts: agreeing neighbours lower the energy
+    q = F.interpolate(q[None], size=(height, width), mode="bilinear", align_corners=False)
     return q[0].cpu().numpy().astype(np.float32)
