@@ -25,14 +25,30 @@ def gaussian_kernel1d(sigma: float, device=None) -> torch.Tensor:
     return (kernel / kernel.sum()).float()
 
 
-def torch_gaussian_blur(channels: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [C, H, W] with edge replication (scipy mode="nearest")."""
-    kernel = gaussian_kernel1d(sigma, channels.device)
+def _convolve_axis(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
+    """1-D convolution of [C, H, W] along `dim` (1 or 2) with an odd symmetric kernel, edges
+    replicated, through the FFT: its cost does not grow with the kernel, which at sigma = 0.05 x
+    the image side is a third of the image wide."""
     radius = kernel.numel() // 2
-    x = channels[:, None]  # [C, 1, H, W]
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    return x[:, 0]
+    pad = (0, 0, radius, radius) if dim == 1 else (radius, radius, 0, 0)
+    padded = F.pad(x[:, None], pad, mode="replicate")[:, 0]  # [C, H + 2r, W] or [C, H, W + 2r]
+    size = padded.shape[dim] + 2 * radius  # no circular wrap-around into the kept part
+    spectrum = torch.fft.rfft(padded, n=size, dim=dim) * torch.fft.rfft(kernel, n=size).view(
+        (1, -1, 1) if dim == 1 else (1, 1, -1))
+    full = torch.fft.irfft(spectrum, n=size, dim=dim)
+    return full.narrow(dim, 2 * radius, x.shape[dim])
+
+
+def torch_gaussian_blur(channels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [C, H, W] with edge replication (scipy mode="nearest").
+
+    A constant channel comes back unchanged (its blur is itself; the FFT would add rounding
+    noise that the min-max normalisation after the blur would blow up)."""
+    kernel = gaussian_kernel1d(sigma, channels.device)
+    blurred = _convolve_axis(_convolve_axis(channels.float(), kernel, 1), kernel, 2)
+    flat = channels.flatten(1)
+    constant = (flat.amax(1) == flat.amin(1)).view(-1, 1, 1)
+    return torch.where(constant, channels.float(), blurred)
 
 
 def _offsets(radius: int, dilation: int) -> list[tuple[int, int]]:
@@ -76,6 +92,17 @@ def _message(q: torch.Tensor, weights: torch.Tensor, radius: int, dilation: int)
     return out
 
 
+def _spatial_message(q: torch.Tensor, weights: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
+    """`_message` for weights that are the same at every pixel (the Gaussian kernel): one
+    depthwise convolution."""
+    size, pad = 2 * radius + 1, radius * dilation
+    kernel = torch.cat([weights[:, 0, 0], weights.new_zeros(1)])  # the centre goes last ...
+    order = list(range(size * size // 2)) + [size * size - 1] + list(range(size * size // 2, size * size - 1))
+    kernel = kernel[order].view(1, 1, size, size).expand(q.shape[0], 1, size, size)  # ... into the middle
+    padded = F.pad(q[None], (pad, pad, pad, pad), mode="replicate")
+    return F.conv2d(padded, kernel, dilation=dilation, groups=q.shape[0])[0]
+
+
 def conv_crf(image: np.ndarray, probs: np.ndarray, config, device=None) -> np.ndarray:
     """Mean-field refinement of probabilities [C, H, W] with windowed dense-CRF kernels.
 
@@ -99,7 +126,7 @@ def conv_crf(image: np.ndarray, probs: np.ndarray, config, device=None) -> np.nd
     unary = unary[0]
     q = torch.softmax(-unary, dim=0)
     for _ in range(config.crf_iterations):
-        message = (config.crf_gaussian_compat * _message(q, spatial, r, near)
+        message = (config.crf_gaussian_compat * _spatial_message(q, spatial, r, near)
                    + config.crf_bilateral_compat * _message(q, bilateral, r, wide))
         q = torch.softmax(-unary + message, dim=0)  # Potts: agreeing neighbours lower the energy
     q = F.interpolate(q[None], size=(height, width), mode="bilinear", align_corners=False)

@@ -237,6 +237,12 @@ def test_torch_blur_equals_scipy_blur(rng):
     ours = gaussian_blur(channels, 0.05, backend="torch")
     reference = gaussian_blur(channels, 0.05, backend="scipy")
     np.testing.assert_allclose(ours, reference, atol=2e-5)
+    # photo-sized, with a kernel a third of the image wide, and a constant channel of ones
+    photo = rng.random((3, 240, 320)).astype(np.float32)
+    photo[2] = 1.0
+    ours, reference = gaussian_blur(photo, 0.05, backend="torch"), gaussian_blur(photo, 0.05, backend="scipy")
+    np.testing.assert_allclose(ours, reference, atol=2e-5)
+    assert (ours[2] == 1.0).all()
 
 
 def test_conv_crf_also_snaps_a_blurry_unary_to_the_colour_edge():
