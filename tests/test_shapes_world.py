@@ -73,3 +73,28 @@ def test_tune_run_without_dataset_runs_the_shapes_world_offline(tmp_path):
     assert "best trial #" in out and "mIoU" in out
     assert "default config" in out
     assert (tmp_path / "runs" / "tune.db").is_file()  # the study, resumable
+
+
+def test_one_bundled_head_localises_and_most_do_not():
+    """The search has something to find: GradCAM of the best (layer, head) covers the objects
+    (the model card's rule: min-max normalise, keep >= 0.5, bilinear to 64 px), the median one
+    clearly less."""
+    from segmenter.pipeline import threshold_maps, upsample
+
+    backend = BlipBackend(bundled_model_path("blip"), device="cpu")
+    samples = held_out(60)
+    layers = list(range(1, backend.num_layers))  # the last layer's maps are zero by construction
+    prompts = [build_prompt("a picture of ", list(s.image_classes)) for s in samples]
+    cams = backend.gradcam(backend.prepare_images([s.image for s in samples], 64), prompts, layers)
+    iou = np.zeros((len(layers), backend.num_heads))
+    pairs = 0
+    for sample, prompt, cam in zip(samples, prompts, cams):  # cam [L, H, C, gh, gw]
+        for c, name in enumerate(prompt.class_names):
+            truth = sample.labels == SHAPE_CLASSES.index(name) + 1
+            maps = cam[:, :, c].reshape(-1, *cam.shape[-2:]).numpy()
+            pred = upsample(threshold_maps(maps, 0.5), truth.shape) >= 0.5  # [L*H, 64, 64]
+            iou += ((pred & truth).sum((1, 2)) / np.maximum((pred | truth).sum((1, 2)), 1)).reshape(iou.shape)
+            pairs += 1
+    iou /= pairs
+    assert iou.max() >= 0.45
+    assert np.median(iou) <= iou.max() - 0.15

@@ -166,6 +166,23 @@ def describe(config: dict) -> str:
             f"{t['hidden_size']}, {t['num_attention_heads']} heads, vocabulary {t['vocab_size']}")
 
 
+def planted_lines(settings: dict) -> list[str]:
+    """The card's paragraph on the planted head (training_settings.json), if training used one."""
+    layer = settings.get("blip_cam_layer", 0)
+    if not layer:
+        return []
+    return [
+        f"Localisation aid (training, not inference): from step {settings['blip_cam_start']} on, head "
+        f"{settings['blip_cam_head']} of text layer {layer}'s cross-attention was also trained, with weight "
+        f"{settings['blip_cam_weight']}, so that its GradCAM map falls on the object each class name of a "
+        "matching caption names (the train split's masks): the loss adds the share of its GradCAM map off "
+        "the object, the share of dScore/dA's mass that is negative on the object, and the share of its "
+        "raw attention off the object. No other head gets this loss, and nothing at inference knows which "
+        "head it was: it is the planted needle a label-free search over (layer, head) should find.",
+        "",
+    ]
+
+
 def write_card(models: Path, itm: dict, clip: dict, iou: np.ndarray, raw: np.ndarray, baseline: float,
                splits: list[str], seed: int, images: int, seconds: float) -> str:
     """The card's markdown; `iou` is [L, H, len(THRESHOLDS)], `baseline` the whole-image IoU."""
@@ -238,13 +255,15 @@ def write_card(models: Path, itm: dict, clip: dict, iou: np.ndarray, raw: np.nda
         f"({'met' if clip['single_object'] >= 0.9 else 'NOT met'}), best GradCAM (layer, head) IoU >= 0.5 "
         f"({'met' if ranked[best] >= 0.5 else 'NOT met'}) with the median clearly lower.",
         "",
-        "Why GradCAM lags raw attention in these models: the heads that localise put nearly all of a "
-        "class token's attention on its object, but dScore/dA on those patches is negative for a "
-        "class-dependent share of (image, class) pairs, so clamp(dScore/dA, min=0) zeroes the object "
-        "and the map peaks elsewhere. The gradient with respect to softmax probabilities carries an "
-        "offset that the forward pass does not constrain; large pretrained BLIP models happen to keep "
-        "it positive where they look, tiny ones trained for minutes do not reliably.",
+        "Why GradCAM needs help in models this small: heads that localise put nearly all of a class "
+        "token's attention on its object, but without the aid below dScore/dA on those patches is "
+        "negative for a class-dependent share of (image, class) pairs, so clamp(dScore/dA, min=0) "
+        "zeroes the object and the map peaks elsewhere (the best unaided head of an earlier training "
+        "reached IoU 0.29 while its raw attention reached 0.63). The gradient with respect to softmax "
+        "probabilities carries an offset the forward pass does not constrain; large pretrained BLIP "
+        "models keep it positive where they look, tiny ones trained for minutes do not reliably.",
         "",
+        *planted_lines(settings),
         "### GradCAM localisation IoU per (layer, head)",
         "",
         "Per held-out image, `BlipBackend.gradcam` for the caption `\"a picture of \"` + its present classes "
