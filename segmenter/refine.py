@@ -32,7 +32,7 @@ def _convolve_axis(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Ten
     radius = kernel.numel() // 2
     pad = (0, 0, radius, radius) if dim == 1 else (radius, radius, 0, 0)
     padded = F.pad(x[:, None], pad, mode="replicate")[:, 0]  # [C, H + 2r, W] or [C, H, W + 2r]
-    size = padded.shape[dim] + 2 * radius  # no circular wrap-around into the kept part
+    size = padded.shape[dim]  # circular: the wrap-around lands on the first 2r outputs, not kept
     spectrum = torch.fft.rfft(padded, n=size, dim=dim) * torch.fft.rfft(kernel, n=size).view(
         (1, -1, 1) if dim == 1 else (1, 1, -1))
     full = torch.fft.irfft(spectrum, n=size, dim=dim)
@@ -42,13 +42,14 @@ def _convolve_axis(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Ten
 def torch_gaussian_blur(channels: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of [C, H, W] with edge replication (scipy mode="nearest").
 
-    A constant channel comes back unchanged (its blur is itself; the FFT would add rounding
-    noise that the min-max normalisation after the blur would blow up)."""
+    Each channel's mean is taken out before the FFT and added back after (the kernel sums to
+    1): the FFT's rounding error scales with the signal's level, and the min-max normalisation
+    after the blur would magnify it on a nearly constant channel (a background channel, say).
+    A constant channel comes back exactly."""
     kernel = gaussian_kernel1d(sigma, channels.device)
-    blurred = _convolve_axis(_convolve_axis(channels.float(), kernel, 1), kernel, 2)
-    flat = channels.flatten(1)
-    constant = (flat.amax(1) == flat.amin(1)).view(-1, 1, 1)
-    return torch.where(constant, channels.float(), blurred)
+    x = channels.float()
+    mean = x.mean(dim=(1, 2), keepdim=True)
+    return _convolve_axis(_convolve_axis(x - mean, kernel, 1), kernel, 2) + mean
 
 
 def _offsets(radius: int, dilation: int) -> list[tuple[int, int]]:
@@ -115,7 +116,7 @@ def conv_crf(image: np.ndarray, probs: np.ndarray, config, device=None) -> np.nd
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     rgb = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
     rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=True)
-    q0 = F.interpolate(torch.from_numpy(probs).to(device)[None], size=size, mode="bilinear",
+    q0 = F.interpolate(torch.from_numpy(probs).to(device).float()[None], size=size, mode="bilinear",
                        align_corners=False)
     unary = -torch.log(q0.clamp_min(1e-8))  # [1, C, h, w]
     r = CONV_WINDOW // 2

@@ -275,9 +275,10 @@ def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, l
     all_images, all_masks = torch.from_numpy(images), torch.from_numpy(masks)
     batch, start, recent = settings.blip_batch, time.time(), []
     captured: dict[str, torch.Tensor] = {}
+    hook = None
     if settings.blip_cam_layer:
         planted = model.text_encoder.encoder.layer[settings.blip_cam_layer - 1].crossattention.self
-        planted.register_forward_hook(lambda _m, _i, out: captured.__setitem__("probs", out[1]))
+        hook = planted.register_forward_hook(lambda _m, _i, out: captured.__setitem__("probs", out[1]))
     for step in range(settings.blip_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings.blip_steps, settings.blip_lr)
@@ -313,6 +314,8 @@ def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, l
                 f"train acc {acc:.3f} "
                 f"({time.time() - start:.0f}s)")
             recent = []
+    if hook is not None:
+        hook.remove()
     return model.eval(), processor, time.time() - start
 
 
@@ -458,6 +461,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, metavar=type(value).__name__)  # noqa: E501
     args = parser.parse_args(argv)
     settings = TrainSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    if not 0 <= settings.blip_cam_layer < settings.blip_text_layers:
+        parser.error(f"--blip-cam-layer {settings.blip_cam_layer}: use 1-{settings.blip_text_layers - 1} "
+                     "(the last text layer's class-token gradients are zero), or 0 for no planted head")
+    if not 0 <= settings.blip_cam_head < settings.blip_heads:
+        parser.error(f"--blip-cam-head {settings.blip_cam_head}: use 0-{settings.blip_heads - 1}")
     kinds = [args.only] if args.only else ["blip", "clip"]
     start = time.time()
     if args.sequential or len(kinds) == 1:
