@@ -175,10 +175,12 @@ def planted_lines(settings: dict) -> list[str]:
         f"Localisation aid (training, not inference): from step {settings['blip_cam_start']} on, head "
         f"{settings['blip_cam_head']} of text layer {layer}'s cross-attention was also trained, with weight "
         f"{settings['blip_cam_weight']}, so that its GradCAM map falls on the object each class name of a "
-        "matching caption names (the train split's masks): the loss adds the share of its GradCAM map off "
-        "the object, the share of dScore/dA's mass that is negative on the object, and the share of its "
-        "raw attention off the object. No other head gets this loss, and nothing at inference knows which "
-        "head it was: it is the planted needle a label-free search over (layer, head) should find.",
+        "matching caption names (the train split's masks): the loss adds KL(object || GradCAM map) and "
+        "KL(object || attention), each map and the object's patch coverage normalised to sum 1 (so a map "
+        "that covers the whole object evenly scores best, one on a corner of it badly), and the share of "
+        "dScore/dA's mass that is negative on the object. No other head gets this loss, and nothing at "
+        "inference knows which head it was: it is the planted needle a label-free search over (layer, "
+        "head) should find.",
         "",
     ]
 
