@@ -28,6 +28,9 @@ class ScoreInput:
     #: the dataset's class names by id (what the ids in `labels` mean), "background" first when
     #: the benchmark has one; empty: `vocabulary` is read that way (see metrics.to_class_ids)
     label_names: tuple[str, ...] = ()
+    #: a content hash of `image` when the caller has one (the tuner does); objectives that memoise
+    #: per image use it instead of hashing the pixels again
+    image_digest: str | None = None
 
     @classmethod
     def from_result(

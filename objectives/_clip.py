@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +21,10 @@ MASK_BLUR = 0.04
 #: the blurred mask is binarised again at this level [ours: the paper does not state it; 0.5
 #: keeps the mask's extent and only rounds its corners and fills one-patch gaps]
 MASK_REBINARIZE = 0.5
+#: masked-crop embeddings an objective keeps (about 3 KB each for CLIP-L): M_k * I depends only on
+#: the image and the mask, so a study that meets a mask again (the same layer and head, another
+#: threshold that keeps the same patches, a post-processing change) embeds it once
+CROP_MEMO_SIZE = 20000
 
 
 def reward_masks(
@@ -85,6 +91,12 @@ class ClipObjective(Objective):
         self.clip = clip or ClipScorer(clip_model, revision=revision, device=device, batch_size=batch_size)
         self.logit_scale = self.clip.logit_scale(logit_scale)
         self.mask_blur, self.mask_rebinarize = float(mask_blur), float(mask_rebinarize)
+        self._crops: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # least recently used first
+        self.crops_embedded = 0  # masked crops CLIP has run on (memo hits not counted)
+
+    def forget_crops(self) -> None:
+        """Empty the masked-crop memo (benchmarks time CLIP's work with it cold)."""
+        self._crops.clear()
 
     def softmax_names(self, item: ScoreInput) -> tuple[str, ...]:
         """The names the CLIP softmax runs over: the image's candidate classes."""
@@ -95,25 +107,44 @@ class ClipObjective(Objective):
         """Per item (log P(k | M_k * I), log P(k | black)) for its classes k. # ([C], [C])
 
         The softmax runs over `softmax_names(item)`. Masked images of all items are embedded
-        together, `batch_size` per forward; an empty mask is the black image itself.
+        together, `batch_size` per forward, each distinct (image, mask) once per objective (see
+        CROP_MEMO_SIZE); an empty mask is the black image itself.
         """
         clip, size = self.clip, self.clip.input_size
         masks = [reward_masks(it.maps, it.threshold, size, self.mask_blur, self.mask_rebinarize,
                               clip.device) for it in items]  # each [C, S, S] bool
-        jobs = [(i, k) for i, m in enumerate(masks) for k in range(m.shape[0]) if m[k].any()]
-        resized: dict[int, torch.Tensor] = {}
         black = clip.black_embedding  # [D]
         embeds = [black.expand(m.shape[0], -1).clone() for m in masks]  # each [C, D]
+        pending: dict[bytes, list[tuple[int, int]]] = {}  # memo key -> (item, class) of new crops
+        for i, (item, m) in enumerate(zip(items, masks)):
+            image_key = (item.image_digest or _pixels_digest(item.image)).encode()
+            packed = np.packbits(m.cpu().numpy(), axis=-1)  # [C, S, S / 8]
+            for k in range(m.shape[0]):
+                if not packed[k].any():
+                    continue
+                key = hashlib.blake2b(image_key + packed[k].tobytes(), digest_size=16).digest()
+                if key in self._crops:
+                    self._crops.move_to_end(key)
+                    embeds[i][k] = self._crops[key]
+                else:  # the same crop twice in one call is embedded once too
+                    pending.setdefault(key, []).append((i, k))
+        jobs = list(pending.items())
+        resized: dict[int, torch.Tensor] = {}
         for start in range(0, len(jobs), clip.batch_size):
             chunk = jobs[start : start + clip.batch_size]
             crops = []
-            for i, k in chunk:
+            for _, [(i, k), *_] in chunk:
                 if i not in resized:
                     resized[i] = _image_tensor(items[i].image, size, clip.device)  # [3, S, S]
                 crops.append(resized[i] * masks[i][k])  # M_k * I: [3, S, S]
             out = clip.image_embeddings(torch.stack(crops))  # [chunk, D]
-            for (i, k), row in zip(chunk, out):
-                embeds[i][k] = row
+            self.crops_embedded += len(chunk)
+            for (key, places), row in zip(chunk, out):
+                for i, k in places:
+                    embeds[i][k] = row
+                self._crops[key] = row.clone()
+        while len(self._crops) > CROP_MEMO_SIZE:
+            self._crops.popitem(last=False)
         results = []
         for item, emb, mask in zip(items, embeds, masks):
             names = self.softmax_names(item)
@@ -136,6 +167,11 @@ def vocabulary_names(item: ScoreInput) -> tuple[str, ...]:
     names = [n for n in (item.vocabulary or item.class_names)
              if n != BACKGROUND or n in item.class_names]
     return tuple(dict.fromkeys([*names, *item.class_names]))
+
+
+def _pixels_digest(image: np.ndarray) -> str:
+    array = np.ascontiguousarray(image)
+    return hashlib.blake2b(array.tobytes() + str(array.shape).encode(), digest_size=16).hexdigest()
 
 
 def _image_tensor(image: np.ndarray, size: int, device: torch.device) -> torch.Tensor:

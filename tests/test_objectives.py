@@ -163,10 +163,43 @@ def test_masks_reach_clip_batched_across_items(colour_clip):
 
     scorer.image_embeddings = recording
     reward = get_objective("clip_reward", clip=scorer)
-    image = two_colour_image()
-    items = [item(image, ["red", "blue"], column_maps((0, 4), (4, 8))) for _ in range(3)]
+    images = [two_colour_image() for _ in range(3)]
+    for i, image in enumerate(images):
+        image[0, 0] = i  # three different images
+    items = [item(image, ["red", "blue"], column_maps((0, 4), (4, 8))) for image in images]
     reward.score(items)
     assert calls[1:] == [4, 2]  # 6 masked images of 3 items in chunks of 4 (calls[0]: black image)
+
+
+def test_a_crop_seen_before_is_not_embedded_again(tiny_clip, rng):
+    images = [random_image(rng, SIZE, SIZE) for _ in range(2)]
+    maps = [rng.random((3, 8, 8)).astype(np.float32) for _ in images]
+    items = [item(im, ["cat", "dog", "sky"], m, threshold=0.4) for im, m in zip(images, maps)]
+    reward = get_objective("clip_reward", clip_model=tiny_clip, device="cpu", batch_size=4)
+    first = reward.score(items)
+    embedded = reward.crops_embedded
+    assert embedded == 6
+    np.testing.assert_array_equal(reward.score(items), first)  # a revisited config: no CLIP run
+    assert reward.crops_embedded == embedded
+    # a threshold that keeps the same patches (no map value between the two) reuses the crops too
+    below = 0.4 - 1e-4
+    for m in maps:  # the threshold compares min-max normalised map values
+        flat = m.reshape(3, -1)
+        norm = (flat - flat.min(1, keepdims=True)) / np.ptp(flat, axis=1, keepdims=True)
+        assert not ((norm >= below) & (norm < 0.4)).any()
+    same = [item(im, ["cat", "dog", "sky"], m, threshold=below) for im, m in zip(images, maps)]
+    reward.score(same)
+    assert reward.crops_embedded == embedded
+    # another threshold makes new masks, and a fresh objective gives the memo's values
+    other = [item(im, ["cat", "dog", "sky"], m, threshold=0.7) for im, m in zip(images, maps)]
+    reward.score(other)
+    assert reward.crops_embedded > embedded
+    fresh = get_objective("clip_reward", clip_model=tiny_clip, device="cpu", batch_size=4)
+    np.testing.assert_array_equal(fresh.score(items), first)
+    # the same crop twice in one call: embedded once
+    twice = get_objective("clip_reward", clip=fresh.clip)
+    twice.score([items[0], items[0]])
+    assert twice.crops_embedded == 3
 
 
 def test_clip_scorer_caches_text_and_errors(colour_clip, tmp_path):

@@ -167,6 +167,7 @@ class TrialRunner:
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
                     threshold=config.threshold, vocabulary=self.dataset.vocabulary,
                     image_classes=im.sample.image_classes, label_names=self.dataset.class_names,
+                    image_digest=im.digest,
                     labels=im.sample.labels if self.objective and self.objective.labels == "pixel" else None,
                 ))
                 if confusion is not None:
