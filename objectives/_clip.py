@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from segmenter.clip import DEFAULT_CLIP, ClipScorer, resize_square
+from segmenter.images import image_digest
 from segmenter.pipeline import threshold_maps
 
 from ._base import Objective, ScoreInput
@@ -117,7 +118,7 @@ class ClipObjective(Objective):
         embeds = [black.expand(m.shape[0], -1).clone() for m in masks]  # each [C, D]
         pending: dict[bytes, list[tuple[int, int]]] = {}  # memo key -> (item, class) of new crops
         for i, (item, m) in enumerate(zip(items, masks)):
-            image_key = (item.image_digest or _pixels_digest(item.image)).encode()
+            image_key = (item.image_digest or image_digest(item.image)).encode()
             packed = np.packbits(m.cpu().numpy(), axis=-1)  # [C, S, S / 8]
             for k in range(m.shape[0]):
                 if not packed[k].any():
@@ -167,11 +168,6 @@ def vocabulary_names(item: ScoreInput) -> tuple[str, ...]:
     names = [n for n in (item.vocabulary or item.class_names)
              if n != BACKGROUND or n in item.class_names]
     return tuple(dict.fromkeys([*names, *item.class_names]))
-
-
-def _pixels_digest(image: np.ndarray) -> str:
-    array = np.ascontiguousarray(image)
-    return hashlib.blake2b(array.tobytes() + str(array.shape).encode(), digest_size=16).hexdigest()
 
 
 def _image_tensor(image: np.ndarray, size: int, device: torch.device) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,14 @@ def as_rgb_uint8(image) -> np.ndarray:
         array = array[..., :3]
     array = np.ascontiguousarray(array)
     return array if array.flags.writeable else array.copy()  # torch and pydensecrf write-lock
+
+
+def image_digest(image: np.ndarray) -> str:
+    """Content hash of an image array (shape and bytes): the map cache's and the CLIP crop memo's
+    key for an image."""
+    h = hashlib.sha256(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -18,9 +18,10 @@ import yaml
 
 from objectives import ScoreInput, confusion_matrix, get_objective, num_label_classes, to_class_ids
 from segmenter import SegmenterConfig, load_backend, postprocess
+from segmenter.images import image_digest
 
 from ._audit_stats import counts_from_confusion
-from .cache import MapCache, image_digest
+from .cache import MapCache
 from .datasets import Dataset, iter_samples, load_dataset
 from .trial import CandidatePicker, MapProvider, TuningImage
 

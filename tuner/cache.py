@@ -21,13 +21,6 @@ FORMAT_VERSION = 1
 log = logging.getLogger("ovss_tune.cache")
 
 
-def image_digest(image: np.ndarray) -> str:
-    """Content hash of an image array (shape and bytes)."""
-    h = hashlib.sha256(str(image.shape).encode())
-    h.update(np.ascontiguousarray(image).tobytes())
-    return h.hexdigest()
-
-
 def cache_key(**parts: Any) -> str:
     """A stable key for the given parts (plus the cache format version)."""
     text = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)

@@ -10,8 +10,9 @@ import numpy as np
 from objectives import miou, num_label_classes
 from segmenter import Backend, SegmenterConfig, load_backend
 from segmenter.backends import resolve_batch_size
+from segmenter.images import image_digest
 
-from .cache import MapCache, image_digest
+from .cache import MapCache
 from .datasets import Dataset
 from .study import config_hash, pick_tuning_ids
 from .trial import CandidatePicker, MapProvider, TrialRunner, TuningImage, _metrics_dict

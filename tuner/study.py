@@ -22,8 +22,9 @@ import segmenter
 from objectives import get_objective
 from segmenter import SegmenterConfig, load_backend
 from segmenter.backends import resolve_batch_size
+from segmenter.images import image_digest
 
-from .cache import MapCache, image_digest
+from .cache import MapCache
 from .datasets import Dataset, disjoint_splits, iter_samples, load_dataset
 from .spec import StudySpec, config_from_params
 from .trial import CandidatePicker, MapProvider, TrialRunner, TuningImage
