@@ -23,7 +23,7 @@ from segmenter.images import image_digest
 from ._audit_stats import counts_from_confusion
 from .cache import MapCache
 from .datasets import Dataset, iter_samples, load_dataset
-from .trial import CandidatePicker, MapProvider, TuningImage
+from .trial import CandidatePicker, MapProvider, TuningImage, view_label_maps
 
 #: keys of the study attr "models" that describe the segmenter; the rest are objective options
 _MODEL_KEYS = ("backend", "model", "revision")
@@ -105,7 +105,7 @@ class Reevaluator:
         self.fixed = SegmenterConfig.from_dict(attrs["fixed"])
         self.backend = load_backend(self.fixed.backend, self.fixed.model, self.fixed.revision, device=device)
         self.objective = get_objective(attrs["objective"], device=str(self.backend.device),
-                                       **recorded_objective_options(attrs))
+                                       backend=self.backend, **recorded_objective_options(attrs))
         self.cache = MapCache(cache_dir)
         self.provider = MapProvider(self.backend, self.cache, batch_size)
         self._datasets: dict[str, Dataset] = {}
@@ -152,14 +152,17 @@ class Reevaluator:
             batch = images.images[start : start + self.batch_size]
             cands = [self.candidates(images)(config, im) for im in batch]
             maps = self.provider.maps(config, batch, cands)
+            views = tuple(self.objective.views)
+            seen_views = (view_label_maps(views, config, batch, cands, self.provider) if views
+                          else [None] * len(batch))
             items = []
-            for im, names, m in zip(batch, cands, maps):
+            for im, names, m, seen in zip(batch, cands, maps, seen_views):
                 label_map = postprocess(im.sample.image, m, config, self.backend.device)  # [H, W] 0 = bg
                 items.append(ScoreInput(
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
                     threshold=config.threshold, vocabulary=ds.vocabulary,
                     image_classes=im.sample.image_classes, label_names=ds.class_names,
-                    labels=im.sample.labels if pixel_labels else None,
+                    labels=im.sample.labels if pixel_labels else None, image_digest=im.digest, views=seen,
                 ))
                 foreground.append(float((label_map > 0).mean()))
                 if labelled:

@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--study", required=True)
     _storage_arg(export)
     export.add_argument("-o", "--output", help="file to write (default: standard output)")
+    export.add_argument("--force", action="store_true",
+                        help="write the choice even when the confidence check finds it not reliably "
+                             "better than the default config")
+    export.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                        help="where the confidence check runs when the study has not stored it")
+    export.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
+    export.add_argument("--data-root", default=os.environ.get("OVSS_DATA"),
+                        help="dataset directory, for a confidence check the study has not stored")
 
     show = sub.add_parser("show", help="a table of a study's top trials")
     show.add_argument("--study", required=True)
@@ -173,51 +181,86 @@ def cmd_run(args, console: Console) -> int:
     return 0
 
 
+def _values_text(trial) -> str:
+    return ", ".join(f"{v:.4f}" for v in trial.values) if len(trial.values) > 1 else f"{trial.value:.4f}"
+
+
 def _print_best(study, console: Console, runner=None) -> None:
     from segmenter import SegmenterConfig
 
+    from .confidence import verdict
+    from .selection import choose
+
     try:
-        best = study.best_trial
+        choice = choose(study)
     except ValueError:
         console.print("no completed trial yet")
         return
+    best = choice.trial
     config = SegmenterConfig.from_dict(best.user_attrs["config"])
     miou = best.user_attrs.get("miou")
-    line = f"best trial #{best.number}: objective {best.value:.4f}"
+    line = f"best trial #{best.number}: objective {_values_text(best)}"
     if miou is not None:
         line += f", mIoU {miou:.4f} (labels used only to report this)"
     console.print(config.to_yaml(), highlight=False, markup=False)
     console.print(line)
-    if runner is not None and miou is not None:
-        default = runner.default_outcome()
-        if default is not None:
-            console.print(f"default config ({runner.spec.source}'s fixed settings): objective "
-                          f"{default.value:.4f}, mIoU {default.metrics['miou']:.4f}")
+    console.print(f"choice: {choice.describe()}", highlight=False)
+    if runner is None:
+        return
+    default = runner.default_outcome()
+    if default is not None:
+        text = f"default config ({runner.spec.source}'s fixed settings): objective {default.value:.4f}"
+        if default.metrics:
+            text += f", mIoU {default.metrics['miou']:.4f}"
+        console.print(text)
+    check = runner.confidence(choice)
+    colour = "green" if check.get("reliably_better") or check.get("same_as_default") else "yellow"
+    console.print(f"[{colour}]confidence check:[/] {verdict(check)}", highlight=False)
 
 
 def cmd_export(args, console: Console) -> int:
     from segmenter import SegmenterConfig
 
+    from .confidence import ensure_check, verdict
+    from .selection import choose
     from .study import load_study
 
     study = load_study(args.storage, args.study)
-    try:
-        best = study.best_trial
-    except ValueError:
-        raise ValueError(f"study {args.study!r} has no completed trial yet: run it first") from None
+    choice = choose(study)
+    best = choice.trial
+    output = Path(args.output) if args.output else None
+    if output is not None and output.is_dir():
+        raise ValueError(f"--output {output} is a directory: name a file, e.g. {output / 'best.yaml'}")
+    check = ensure_check(study, choice, device=None if args.device == "auto" else args.device,
+                         cache_dir=args.cache_dir, data_root=args.data_root)
     config = SegmenterConfig.from_dict(best.user_attrs["config"])
     provenance = {
-        "study": study.study_name, "trial": best.number, "value": best.value,
+        "study": study.study_name, "trial": best.number,
+        "value": best.value if len(best.values) == 1 else list(best.values),
         "objective": study.user_attrs.get("objective"), "dataset": study.user_attrs.get("dataset"),
         "tuning_split": study.user_attrs.get("tuning_split"),
         "labels_touched": study.user_attrs.get("labels_touched"),
         "miou": best.user_attrs.get("miou"), "package_version": study.user_attrs.get("package_version"),
+        "choice": choice.summary(),
+        "confidence_check": {k: check.get(k) for k in ("reliably_better", "p_value", "effect", "images",
+                                                       "optimistic", "mean_difference") if k in check},
     }
+    fallback = check.get("reliably_better") is False and not check.get("same_as_default") and not args.force
+    console_err = Console(stderr=True, highlight=False)
+    if fallback:
+        config = SegmenterConfig.from_dict(study.user_attrs["fixed"])
+        provenance["exported"] = "default config: the choice is not reliably better (use --force for it)"
+        console_err.print(f"[yellow]{verdict(check)}[/]", soft_wrap=True)
+        console_err.print("[yellow]wrote the default config instead of trial "
+                          f"#{best.number}; `tune export --force` writes the choice anyway[/]", soft_wrap=True)
+    elif check.get("reliably_better") is False and args.force and not check.get("same_as_default"):
+        provenance["exported"] = "the choice, forced (--force) although not reliably better"
     text = config.to_yaml(provenance={k: v for k, v in provenance.items() if v is not None})
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
-        console.print(f"wrote {args.output} (trial #{best.number}, objective {best.value:.4f})")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        what = "the default config" if fallback else f"trial #{best.number}, objective {_values_text(best)}"
+        console.print(f"wrote {output} ({what})")
     else:
         sys.stdout.write(text)
     return 0
@@ -226,26 +269,37 @@ def cmd_export(args, console: Console) -> int:
 def cmd_show(args, console: Console) -> int:
     from optuna.trial import TrialState
 
+    from .selection import choose, distinct_complete
     from .study import load_study
 
     study = load_study(args.storage, args.study)
     trials = study.get_trials(deepcopy=False)
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+    done = sorted(distinct_complete(study), key=lambda t: tuple(-v for v in t.values))
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     table = Table(title=f"{study.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    choice = choose(study) if done else None
     for col in ("trial", "objective", "mIoU", "params"):
         table.add_column(col, justify="right" if col != "params" else "left")
     for t in done[: args.top]:
         miou = t.user_attrs.get("miou")
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
-        table.add_row(str(t.number), f"{t.value:.4f}", "-" if miou is None else f"{miou:.4f}", params)
+        mark = " *" if choice is not None and t.number == choice.trial.number else ""
+        table.add_row(f"{t.number}{mark}", _values_text(t), "-" if miou is None else f"{miou:.4f}", params)
     console.print(table)
+    if choice is not None:
+        console.print(f"* the study's answer: {choice.describe()}", highlight=False)
+        check = study.user_attrs.get("confidence_check")
+        if check and check.get("trial") == choice.trial.number:
+            from .confidence import verdict
+
+            console.print(f"confidence check: {verdict(check)}", highlight=False)
     return 0
 
 
 def cmd_studies(args, console: Console) -> int:
     import optuna
 
+    from .selection import choose
     from .study import FINISHED, open_storage
 
     storage = open_storage(args.storage)
@@ -256,7 +310,10 @@ def cmd_studies(args, console: Console) -> int:
     for s in summaries:
         study = optuna.load_study(study_name=s.study_name, storage=storage)
         finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        best = "-" if s.best_trial is None else f"{s.best_trial.value:.4f}"
+        try:
+            best = _values_text(choose(study).trial)
+        except ValueError:
+            best = "-"
         table.add_row(s.study_name, str(s.user_attrs.get("dataset", "?")),
                       str(s.user_attrs.get("objective", "?")), str(finished), best)
     console.print(table)

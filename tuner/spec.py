@@ -66,6 +66,13 @@ class StudySpec:
     pruner: dict[str, Any] = field(default_factory=lambda: {"type": "wilcoxon"})
     trials: int = 30
     name: str | None = None
+    #: a multi-objective study (Optuna directions): (name, options) per objective, the first being
+    #: `objective`/`objective_options`; empty for a single objective
+    objectives: tuple[tuple[str, dict[str, Any]], ...] = ()
+    #: objective that breaks ties between configs with equal values (tuner.selection); None: the
+    #: mean per-image rank
+    tie_break: str | None = None
+    tie_break_options: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> StudySpec:
         return dataclasses.replace(self, **changes)
@@ -122,7 +129,7 @@ def _current(fixed: SegmenterConfig, values: dict[str, Any], name: str) -> Any:
 # --- reading specs -----------------------------------------------------------------------------
 TOP_KEYS = {
     "name", "dataset", "dataset_options", "tuning", "eval_split", "objective", "objective_options",
-    "fixed", "search_space", "sampler", "pruner", "trials",
+    "fixed", "search_space", "sampler", "pruner", "trials", "objectives", "tie_break",
 }
 
 
@@ -220,10 +227,16 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
         if not isinstance(data.get(key) or {}, dict):
             raise fail(key, "must be a mapping")
 
+    objectives = _parse_objectives(data, fail)
+    tie_break, tie_break_options = _parse_tie_break(data.get("tie_break"), fail)
+    if objectives and (pruner.get("type", "wilcoxon") != "none"):
+        raise fail("pruner", "a study with several objectives cannot prune: set `pruner: {type: none}`")
+    objective = objectives[0] if objectives else (str(data.get("objective", "clip_reward")),
+                                                  dict(data.get("objective_options") or {}))
     spec = StudySpec(
         source=source, dataset=data["dataset"], fixed=fixed, search_space=tuple(space),
-        objective=str(data.get("objective", "clip_reward")),
-        objective_options=dict(data.get("objective_options") or {}),
+        objective=objective[0], objective_options=objective[1],
+        objectives=tuple(objectives), tie_break=tie_break, tie_break_options=tie_break_options,
         dataset_options=dict(data.get("dataset_options") or {}),
         tuning_split=str(tuning.get("split", "auto")), tuning_images=int(tuning.get("images", 32)),
         tuning_seed=int(tuning.get("seed", 0)), eval_split=str(data.get("eval_split", "val")),
@@ -232,6 +245,37 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
     # every value the space can take must make a valid config
     _check_space(spec, fail)
     return spec
+
+
+def _parse_objectives(data: dict, fail) -> list[tuple[str, dict[str, Any]]]:
+    """`objectives: {name: {options}, ...}` (or a list of names): two or more, no `objective` beside."""
+    raw = data.get("objectives")
+    if raw is None:
+        return []
+    if "objective" in data or "objective_options" in data:
+        raise fail("objectives", "give either `objective` (+ `objective_options`) or `objectives`, not both")
+    if isinstance(raw, list) and all(isinstance(n, str) for n in raw):
+        raw = {n: {} for n in raw}
+    if not isinstance(raw, dict) or len(raw) < 2:
+        raise fail("objectives", "must map two or more objective names to their options")
+    out = []
+    for name, options in raw.items():
+        if not isinstance(options, dict | type(None)):
+            raise fail(f"objectives.{name}", "must be a mapping of that objective's options")
+        out.append((str(name), dict(options or {})))
+    return out
+
+
+def _parse_tie_break(raw: Any, fail) -> tuple[str | None, dict[str, Any]]:
+    """`tie_break: NAME` or `tie_break: {name: NAME, options: {...}}`."""
+    if raw is None:
+        return None, {}
+    if isinstance(raw, str):
+        return raw, {}
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str) and set(raw) <= {"name", "options"} \
+            and isinstance(raw.get("options") or {}, dict):
+        return raw["name"], dict(raw.get("options") or {})
+    raise fail("tie_break", "must name an objective, or be {name: NAME, options: {...}}")
 
 
 def _check_space(spec: StudySpec, fail) -> None:

@@ -137,7 +137,8 @@ class StudyRunner:
                                     device=options.device)
         self._check_space_against_model()
         self.objective = get_objective(spec.objective, device=str(self.backend.device),
-                                       **spec.objective_options)
+                                       backend=self.backend, **spec.objective_options)
+        self.extra_objectives = self._extra_objectives()
         self.cache = MapCache(options.cache_dir)
         self.batch_size = resolve_batch_size(options.batch_size, self.backend, spec.fixed.image_size)
         self.provider = MapProvider(self.backend, self.cache, self.batch_size)
@@ -147,16 +148,36 @@ class StudyRunner:
             CandidatePicker(self.dataset.vocabulary, self.backend, getattr(self.objective, "clip", None)),
             batch_size=self.batch_size, pool=self._make_pool(options.workers),
             report="instance" if spec.pruner.get("type", "wilcoxon") == "wilcoxon" else "mean",
+            extra=self.extra_objectives,
         )
         self._record_study_attrs()
 
     # -- setup -------------------------------------------------------------------------------------
     def _create_study(self) -> optuna.Study:
+        directions = ["maximize"] * max(len(self.spec.objectives), 1)
         return optuna.create_study(
             storage=self.storage, study_name=self.name, load_if_exists=True,
-            direction="maximize", sampler=self.spec.make_sampler(self.seed),
+            directions=directions, sampler=self.spec.make_sampler(self.seed),
             pruner=self.spec.make_pruner(),
         )
+
+    def _extra_objectives(self) -> dict:
+        """The other objectives of a multi-objective study, and the tie-break objective, by name."""
+        device, out = str(self.backend.device), {}
+        clip = getattr(self.objective, "clip", None)
+        named = list(self.spec.objectives[1:])
+        if self.spec.tie_break:
+            named.append((self.spec.tie_break, self.spec.tie_break_options))
+        for name, options in named:
+            if name in out or (name == self.spec.objective and options == self.spec.objective_options):
+                continue
+            shared = {"clip": clip} if clip is not None and "clip_model" not in options and \
+                name.startswith("clip_") else {}
+            out[name] = get_objective(name, device=device, backend=self.backend, **options, **shared)
+        for objective in (self.objective, *out.values()):
+            if getattr(objective, "direction", "maximize") != "maximize":
+                raise ValueError(f"objective {objective.name!r} minimises: studies maximise their objectives")
+        return out
 
     @staticmethod
     def _make_pool(workers: int):
@@ -223,6 +244,10 @@ class StudyRunner:
                 **{k: str(v) for k, v in self.spec.objective_options.items()},
             },
             "objective_options": dict(self.spec.objective_options),
+            "objectives": [name for name, _ in self.spec.objectives] or [self.spec.objective],
+            "objectives_options": {name: options for name, options in self.spec.objectives},
+            "tie_break": self.spec.tie_break,
+            "tie_break_options": dict(self.spec.tie_break_options),
             "spec": self.spec.source,
             "fixed": fixed.to_dict(),
         }
@@ -241,7 +266,8 @@ class StudyRunner:
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("config_hash", config_hash(config))
         trial.set_user_attr("labels_used", "image-level" if config.uses_image_labels else "none")
-        outcome = self.runner.evaluate(config, trial, on_image=on_image)
+        multi = len(self.spec.objectives) > 1
+        outcome = self.runner.evaluate(config, None if multi else trial, on_image=on_image)
         values = np.asarray(outcome.per_image)
         trial.set_user_attr("objective_per_image", [float(v) for v in outcome.per_image])
         trial.set_user_attr("objective_summary", {
@@ -252,6 +278,15 @@ class StudyRunner:
             trial.set_user_attr("miou", outcome.metrics["miou"])
             trial.set_user_attr("pixel_accuracy", outcome.metrics["pixel_accuracy"])
             trial.set_user_attr("iou_per_class", outcome.metrics["iou_per_class"])
+        if outcome.extra:
+            trial.set_user_attr("extra_objectives_per_image", outcome.extra)
+        if self.spec.tie_break and self.spec.tie_break in outcome.extra:
+            trial.set_user_attr("tie_break_value", float(np.mean(outcome.extra[self.spec.tie_break])))
+        elif self.spec.tie_break:  # the tie-break objective is the study's own
+            trial.set_user_attr("tie_break_value", outcome.value)
+        if multi:
+            rest = [float(np.mean(outcome.extra[name])) for name, _ in self.spec.objectives[1:]]
+            return (outcome.value, *rest)
         return outcome.value
 
     def run(self) -> optuna.Study:
@@ -292,9 +327,53 @@ class StudyRunner:
             return None
         if attr not in self.study.user_attrs:
             outcome = self.runner.evaluate(self.spec.fixed)
-            self.study.set_user_attr(attr, {"value": outcome.value, "metrics": outcome.metrics})
+            self.study.set_user_attr(attr, {"value": outcome.value, "metrics": outcome.metrics,
+                                            "per_image": [float(v) for v in outcome.per_image]})
         stored = self.study.user_attrs[attr]
         return SimpleNamespace(value=stored["value"], metrics=stored["metrics"])
+
+    # -- the label-free confidence check ------------------------------------------------------------
+    def check_images(self) -> tuple[list[TuningImage], bool]:
+        """Check images (tuner.confidence): a seeded sample of the tuning split outside the tuning
+        images, as many as those, recorded in the study; (images, optimistic)."""
+        from .confidence import pick_check_ids
+
+        ids = self.study.user_attrs.get("check_ids")
+        if ids is None:
+            tuning = self.study.user_attrs.get("tuning_ids") or self.tuning_ids
+            ids = pick_check_ids(self.dataset.ids(self.tuning_split), tuning, self.seed)
+            self.study.set_user_attr("check_ids", ids)
+        if not ids:  # nothing beside the tuning images: check on them, and say it is optimistic
+            return self.images, True
+        stream = iter_samples(self.dataset, self.tuning_split, ids, strict=self.options.strict)
+        images = [TuningImage(sample, image_digest(sample.image)) for sample in stream]
+        return (images, False) if images else (self.images, True)
+
+    def confidence(self, choice) -> dict:
+        """The confidence check of `choice` (a tuner.selection.Choice), stored in the study."""
+        from .confidence import check_choice
+
+        stored = self.study.user_attrs.get("confidence_check")
+        if stored and stored.get("trial") == choice.trial.number:
+            return stored
+        fixed = self.spec.fixed
+        try:
+            self.backend.check_layer_heads(fixed.layer, fixed.heads)
+        except ValueError as err:
+            record = {"trial": choice.trial.number, "reliably_better": None,
+                      "unavailable": f"the default config is not valid here ({err})"}
+        else:
+            images, optimistic = self.check_images()
+            runner = TrialRunner(self.dataset, images, self.provider, self.objective, self.runner.candidates,
+                                 batch_size=self.batch_size)
+            chosen = SegmenterConfig.from_dict(choice.trial.user_attrs["config"])
+            record = check_choice(
+                chosen, fixed, lambda config: runner.evaluate(config).per_image,
+                check_ids=[im.sample.id for im in images], optimistic=optimistic,
+                trial=choice.trial.number, same=config_hash(chosen) == config_hash(fixed),
+            )
+        self.study.set_user_attr("confidence_check", record)
+        return record
 
     def _check_not_surplus(self, trial: optuna.Trial) -> None:
         """Fail a trial that racing workers started beyond `trials` (the lowest numbers win)."""

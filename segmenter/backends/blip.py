@@ -243,6 +243,35 @@ class BlipBackend(Backend):
             scores.append(logits.softmax(-1)[:, ITM_MATCH])
         return torch.cat(scores).view(batch, len(texts))
 
+    @torch.inference_mode()
+    def itm_pair_scores(
+        self, pixel_values: torch.Tensor, texts: Sequence[str], batch_size: int = 64
+    ) -> torch.Tensor:
+        """ITM match probability of image b with text b, for b < B (pairs, not every text). # [B]"""
+        if len(texts) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images but {len(texts)} texts: give one per image")
+        size, out = pixel_values.shape[-1], []
+        max_pos = self.model.config.text_config.max_position_embeddings
+        step = max(1, int(batch_size))
+        for start in range(0, len(texts), step):
+            images = self.model.vision_model(
+                pixel_values=pixel_values[start : start + step].to(self.device, self.dtype),
+                interpolate_pos_encoding=size != self._native_size,
+            ).last_hidden_state  # [P, 1 + gh*gw, D]
+            tokens = self.tokenizer(list(texts[start : start + step]), padding=True, truncation=True,
+                                    max_length=max_pos, return_tensors="pt")
+            text = self.model.text_encoder(
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=tokens["attention_mask"].to(self.device),
+                encoder_hidden_states=images,
+                encoder_attention_mask=torch.ones(images.shape[:-1], dtype=torch.long, device=self.device),
+            )
+            logits = self.model.itm_head(text.last_hidden_state[:, 0, :]).float()  # [P, 2]
+            out.append(logits.softmax(-1)[:, ITM_MATCH])
+        if not out:
+            return torch.zeros(0, device=self.device)
+        return torch.cat(out)
+
     def _tokenize(self, prompts: Sequence[Prompt]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Token ids for the captions and a [B, C_max, T] matrix averaging each class's pieces."""
         enc = self.tokenizer(
