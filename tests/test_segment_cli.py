@@ -30,7 +30,7 @@ def test_segment_folder_writes_labels_overlays_and_lists_bad_files(tmp_path, tin
     printed = capsys.readouterr().out
     assert "wrote 4" in printed and "broken.png" in printed
     for name, (h, w) in {**shapes, "gray.png": (16, 16)}.items():
-        stem = out / name.rsplit(".", 1)[0]
+        stem = out / name  # the input's name, suffix kept
         labels = Image.open(f"{stem}_labels.png")
         assert labels.mode == "P" and labels.size == (w, h)
         assert set(np.unique(np.asarray(labels))) <= {0, 1, 2, 3}
@@ -40,7 +40,7 @@ def test_segment_folder_writes_labels_overlays_and_lists_bad_files(tmp_path, tin
     # the same config through the Python API gives the same label map
     seg = Segmenter.from_config(config_file, device="cpu")
     direct = seg.segment(np.asarray(Image.open(images / "a.png").convert("RGB")), ["cat", "dog", "person"])
-    np.testing.assert_array_equal(direct.label_map, np.asarray(Image.open(out / "a_labels.png")))
+    np.testing.assert_array_equal(direct.label_map, np.asarray(Image.open(out / "a.png_labels.png")))
 
 
 def test_segment_errors_are_one_line(tmp_path, tiny_blip, capsys):
@@ -80,3 +80,56 @@ def test_eval_matches_the_study_trials_miou(tmp_path, tiny_blip, tiny_clip, caps
     assert result["images"] == 5 and set(result["iou_per_class"]) >= {"background", "circle"}
     assert abs(result["miou"] - study.best_trial.user_attrs["miou"]) < 1e-9
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_inputs_sharing_a_stem_never_share_an_output(tmp_path, tiny_blip, rng, capsys):
+    root = tmp_path / "in"
+    for name in ("cam1/0001.jpg", "cam2/0001.jpg", "a.jpg", "a.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_image(rng, 20, 24)).save(root / name)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(SegmenterConfig(model=tiny_blip, image_size=32, layer=2, heads=(1,),
+                                           dropout_rounds=1, crf=False).to_yaml())
+    out = tmp_path / "out"
+    inputs = [str(root / "cam1"), str(root / "cam2"), str(root / "a.jpg"), str(root / "a.png"),
+              str(root / "a.png")]  # the same file twice is segmented once
+    assert main(["segment", "--config", str(config_file), "--classes", "cat,dog", *inputs, "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_labels.png"))
+    assert written == ["a.jpg_labels.png", "a.png_labels.png", "cam1/0001.jpg_labels.png",
+                       "cam2/0001.jpg_labels.png"]
+    assert "wrote 4 label maps" in capsys.readouterr().out  # the count is what is on disk
+    assert len(list(out.rglob("*_overlay.png"))) == 4
+
+
+def test_output_names_mirror_the_input_tree(tmp_path):
+    from tuner.apply import plan_outputs
+
+    for name in ("x/cam1/0001.jpg", "x/cam2/0001.jpg", "x/cam2/0001.JPG", "x/a.jpg", "x/a.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    names = [n for _, n in plan_outputs([str(tmp_path / "x" / "cam1"), str(tmp_path / "x" / "cam2")])]
+    assert names == ["cam1/0001.jpg", "cam2/0001.JPG", "cam2/0001.jpg~2"]  # names equal but for case
+    assert [n for _, n in plan_outputs([str(tmp_path / "x" / "a.jpg"), str(tmp_path / "x" / "a.png")])] == \
+        ["a.jpg", "a.png"]
+    assert [n for _, n in plan_outputs([str(tmp_path / "x" / "cam1")])] == ["0001.jpg"]
+    single = plan_outputs([str(tmp_path / "x" / "a.jpg"), str(tmp_path / "x" / "cam1" / "0001.jpg")])
+    assert [n for _, n in single] == ["a.jpg", "cam1/0001.jpg"]
+
+
+def test_segment_reads_photos_as_viewed_and_checks_out_before_loading(tmp_path, tiny_blip, capsys):
+    stored = np.zeros((128, 64, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view: 128 wide x 64 high
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(SegmenterConfig(model=tiny_blip, image_size=32, layer=2, heads=(1,),
+                                           dropout_rounds=1, crf=False).to_yaml())
+    base = ["segment", "--config", str(config_file), "--classes", "cat", str(tmp_path / "phone.jpg"),
+            "--device", "cpu", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "out")]) == 0
+    assert Image.open(tmp_path / "out" / "phone.jpg_labels.png").size == (128, 64)
+    capsys.readouterr()
+    (tmp_path / "taken").write_text("a file where the output directory should go")
+    assert main([*base, "--out", str(tmp_path / "taken")]) == 2
+    assert "cannot write to --out directory" in capsys.readouterr().err

@@ -327,18 +327,22 @@ def cmd_segment(args, console: Console) -> int:
 
     from segmenter import Segmenter, SegmenterConfig
 
-    from .apply import iter_image_paths, read_class_list, segment_paths
+    from .apply import plan_outputs, read_class_list, segment_paths
+    from .outputs import writable_dir
 
     names = read_class_list(args.classes, args.classes_file)
     config = SegmenterConfig.from_yaml(Path(args.config))
-    total = sum(1 for _ in iter_image_paths(args.inputs))
+    total = len(plan_outputs(args.inputs))
+    writable_dir(args.out, "--out directory")  # before the model loads
     segmenter = Segmenter(config, device=None if args.device == "auto" else args.device,
                           batch_size=args.batch_size)
     with Progress(console=Console(stderr=True), disable=args.no_progress) as progress:
         task = progress.add_task("segmenting", total=total)
         report = segment_paths(segmenter, names, args.inputs, args.out, save_maps=args.save_maps,
                                progress=lambda: progress.advance(task))
-    console.print(f"wrote {len(report.written)} label maps and overlays to {args.out}")
+    on_disk = sum(1 for path in report.outputs if path.is_file())
+    console.print(f"wrote {on_disk} label maps and overlays to {args.out} (named as the inputs, "
+                  "input tree mirrored)", highlight=False)
     for path, reason in report.failed:
         console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
     return 1 if report.failed and not report.written else 0
