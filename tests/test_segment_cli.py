@@ -133,3 +133,54 @@ def test_segment_reads_photos_as_viewed_and_checks_out_before_loading(tmp_path, 
     (tmp_path / "taken").write_text("a file where the output directory should go")
     assert main([*base, "--out", str(tmp_path / "taken")]) == 2
     assert "cannot write to --out directory" in capsys.readouterr().err
+
+
+def test_eval_defaults_to_the_held_out_part_skips_corrupt_images_and_checks_output_first(
+        tmp_path, tiny_blip, capsys, monkeypatch):
+    import json
+
+    from tuner.datasets import load_dataset
+    from tuner.datasets.shapes_writers import write_coco_layout
+
+    write_coco_layout(tmp_path / "coco", 10, seed=21, splits=("val",))  # only val on disk
+    coco = load_dataset("coco", root=tmp_path / "coco")
+    tune_ids, eval_ids = coco.ids("val:tune"), coco.ids("val:eval")
+    config = SegmenterConfig(model=tiny_blip, image_size=32, layer=2, heads=(1,), dropout_rounds=1, crf=False,
+                             candidates="oracle")  # the image's own classes: a prompt the tiny model fits
+    config_file = tmp_path / "best.yaml"  # exported from a study that tuned on val:tune
+    config_file.write_text(config.to_yaml(provenance={"study": "s", "dataset": "coco", "tuning_split": "val:tune"}))
+    base = ["eval", "--config", str(config_file), "--dataset", "coco", "--data-root", str(tmp_path / "coco"),
+            "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+
+    out = tmp_path / "default.json"
+    assert main([*base, "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["split"] == "val:eval" and result["images"] == len(eval_ids)
+    assert result["tuning_images_evaluated"] == 0 and "evaluating val:eval" in capsys.readouterr().out
+
+    out = tmp_path / "all.json"
+    assert main([*base, "--split", "val", "-o", str(out)]) == 0  # asked for: said how many were tuned on
+    result = json.loads(out.read_text())
+    assert result["images"] == 10 and result["tuning_images_evaluated"] == len(tune_ids) > 0
+    assert f"{len(tune_ids)} of the 10 evaluated images lie in val:tune" in capsys.readouterr().out
+
+    # one corrupt image is skipped and counted, as README says, not an abort
+    broken = tmp_path / "coco" / "images" / "val2017" / f"{eval_ids[0]}.jpg"
+    broken.write_bytes(broken.read_bytes()[:100])
+    out = tmp_path / "skipped.json"
+    assert main([*base, "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == len(eval_ids) - 1 and [s["id"] for s in result["skipped"]] == [eval_ids[0]]
+    assert "1 corrupt images skipped" in capsys.readouterr().out
+    assert main([*base, "--strict", "-o", str(out)]) == 2
+
+    # an output path that cannot be written fails before any image is evaluated
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated before the output path was checked")
+
+    monkeypatch.setattr("tuner.evaluate.evaluate_config", must_not_run)
+    (tmp_path / "taken").write_text("a file")
+    capsys.readouterr()
+    for target in (tmp_path / "taken" / "eval.json", tmp_path):
+        assert main([*base, "-o", str(target)]) == 2
+        assert "cannot write" in capsys.readouterr().err

@@ -12,14 +12,24 @@ def _why(err: OSError) -> str:
     return err.strerror or str(err).splitlines()[0] or type(err).__name__
 
 
-def writable_dir(path: str | Path, what: str = "output directory") -> Path:
-    """Create `path` (and its parents) and prove that a file can be written in it.
+def writable_dir(path: str | Path, what: str = "output directory", create: bool = True) -> Path:
+    """Check that files can be written in directory `path`; with `create`, make it (and its
+    parents) now, else only check that it could be made (nothing is created).
 
-    OSError "cannot write to <what> PATH: reason" when it is a file, read-only or cannot be made.
+    OSError "cannot write to <what> PATH: reason" when it or an ancestor is a file, or it is
+    read-only or cannot be made.
     """
     path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise OSError(f"cannot write to {what} {path}: it is a file, not a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "it" if existing == path else f"{existing}"
+        raise OSError(f"cannot write to {what} {path}: {where} is a file, not a directory")
+    if not create and existing != path:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OSError(f"cannot write to {what} {path}: {existing} is not writable")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -35,7 +45,7 @@ def writable_file(path: str | Path, what: str = "output file") -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise OSError(f"cannot write {what} {path}: it is a directory")
-    writable_dir(path.parent if str(path.parent) else Path("."), f"the directory of {what}")
+    writable_dir(path.parent, f"the directory of {what}", create=False)
     if path.exists() and not os.access(path, os.W_OK):
         raise OSError(f"cannot write {what} {path}: permission denied")
     return path
@@ -44,6 +54,7 @@ def writable_file(path: str | Path, what: str = "output file") -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
