@@ -459,7 +459,8 @@ def test_greyscale_resaved_voc_labels_are_refused_with_file_value_and_count(tmp_
     # `tune data check` reports it (file, value, count) instead of `ok`
     code, out = data_check(capsys, "--dataset", "voc", "--data-root", str(tmp_path), "--read", "10")
     value, count = err.value.values[0]
-    assert code == 1 and path.name in out and f"{value} ({count} px)" in out and not out.rstrip().endswith("ok")
+    assert code == 1 and path.name in out and f"{value} ({count} px)" in out
+    assert not out.rstrip().endswith("ok")
     split = "val" if sample_id in voc.ids("val") else "train"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # never skipped like a corrupt image: it always raises

@@ -148,7 +148,8 @@ def test_eval_defaults_to_the_held_out_part_skips_corrupt_images_and_checks_outp
     config = SegmenterConfig(model=tiny_blip, image_size=32, layer=2, heads=(1,), dropout_rounds=1, crf=False,
                              candidates="oracle")  # the image's own classes: a prompt the tiny model fits
     config_file = tmp_path / "best.yaml"  # exported from a study that tuned on val:tune
-    config_file.write_text(config.to_yaml(provenance={"study": "s", "dataset": "coco", "tuning_split": "val:tune"}))
+    config_file.write_text(config.to_yaml(provenance={"study": "s", "dataset": "coco",
+                                                      "tuning_split": "val:tune"}))
     base = ["eval", "--config", str(config_file), "--dataset", "coco", "--data-root", str(tmp_path / "coco"),
             "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
 

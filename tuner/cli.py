@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--data-root", default=os.environ.get("OVSS_DATA"),
                     help="dataset directory (default: $OVSS_DATA)")
-    ev.add_argument("--split", help="split to evaluate (default: the part of val the config was not tuned "
-                                    "on, as its provenance says: val:eval after tuning on val:tune; else val)")
+    ev.add_argument("--split", help="split to evaluate (default: the part of val the config was not "
+                                    "tuned on, as its provenance says: val:eval after val:tune; else val)")
     ev.add_argument("--images", type=int, help="evaluate a seeded subset of this many images")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
