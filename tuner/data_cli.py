@@ -47,6 +47,9 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     fetch.add_argument("--manifest", default=os.environ.get(MANIFEST_ENV),
                        help=f"JSON file replacing the built-in URLs and checksums (default: ${MANIFEST_ENV})")
     fetch.add_argument("--delete-archives", action="store_true", help="remove archives once extracted")
+    fetch.add_argument("--allow-unverified", action="store_true",
+                       help="accept an archive no checksum is known for (its sha256 is printed before it "
+                            "is extracted); without it such an archive is refused")
     fetch.add_argument("--no-progress", action="store_true", help="no progress bars")
     fetch.set_defaults(data_handler=cmd_data_download)
     return data
@@ -209,14 +212,20 @@ def cmd_data_download(args: argparse.Namespace, console: Console | None = None) 
             tasks[key] = progress.add_task(f"{verb} {name}", total=total, unit=kind)
         progress.update(tasks[key], completed=done, total=total)
 
+    say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+
+    def unverified(name: str, sha256: str) -> None:  # said before the archive is extracted
+        say(f"warning: no checksum is known for {name}; extracting it unverified (--allow-unverified); "
+            f"its sha256 is {sha256} (pin it in a --manifest)")
+
     with progress:
         report = fetch_dataset(
             args.dataset, args.data_root, args.manifest,
             on_download=lambda n, d, t: update("bytes", n, d, t),
             on_extract=lambda n, d, t: update("files", n, d, t),
             delete_archives=bool(getattr(args, "delete_archives", False)),
+            allow_unverified=bool(getattr(args, "allow_unverified", False)), on_unverified=unverified,
         )
-    say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     for name in report.downloaded:
         say(f"downloaded {name}")
     for name in report.resumed:
@@ -225,8 +234,6 @@ def cmd_data_download(args: argparse.Namespace, console: Console | None = None) 
         say(f"{name}: already extracted")
     for name, files in report.extracted.items():
         say(f"extracted {files} files from {name}")
-    for name, sha256 in report.unverified.items():
-        say(f"warning: no checksum is known for {name}; its sha256 is {sha256} (pin it in a --manifest)")
     say(f"{args.dataset} is in {report.directory}: check it with "
         f"`tune data check --dataset {args.dataset} --data-root {report.directory}`")
     return 0
