@@ -90,9 +90,12 @@ def cmd_audit(args, console) -> int:
     """`tune audit`: run the audit, print the summary, write audit.json and audit.html."""
     from ._audit import AuditOptions, run_audit, write_audit
     from ._audit_report import print_summary
+    from .outputs import writable_dir
 
     if args.images is not None and args.images < 1:
         raise ValueError("--images must be at least 1")
+    out_dir = Path(args.output) if args.output else Path("runs/audit") / re.sub(r"[^\w.-]+", "_", args.study)
+    writable_dir(out_dir, "audit output directory", create=False)  # before the audit's work, not after
     options = AuditOptions(
         study=args.study, storage=args.storage, dataset=args.dataset, split=args.split, images=args.images,
         max_trials=args.max_trials, reevaluate=not args.no_reevaluate, bootstrap=args.bootstrap,
@@ -101,8 +104,7 @@ def cmd_audit(args, console) -> int:
         data_root=args.data_root, progress=not args.no_progress,
     )
     report = run_audit(options)
-    out_dir = Path(args.output) if args.output else Path("runs/audit") / re.sub(r"[^\w.-]+", "_", args.study)
+    print_summary(report, console)  # shown even if writing fails below
     json_path, html_path = write_audit(report, out_dir)
-    print_summary(report, console)
     console.print(f"wrote {json_path} and {html_path}", highlight=False)
     return 0

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--data-root", default=os.environ.get("OVSS_DATA"),
                     help="dataset directory (default: $OVSS_DATA)")
-    ev.add_argument("--split", default="val")
+    ev.add_argument("--split", help="split to evaluate (default: the part of val the config was not "
+                                    "tuned on, as its provenance says: val:eval after val:tune; else val)")
     ev.add_argument("--images", type=int, help="evaluate a seeded subset of this many images")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images per model batch, or auto (default)")
     ev.add_argument("-o", "--output", default="eval.json", help="JSON file (default %(default)s)")
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
 
     seg = sub.add_parser("segment", help="segment images with an exported config")
     seg.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
@@ -239,6 +241,8 @@ def cmd_export(args, console: Console) -> int:
         "value": best.value if len(best.values) == 1 else list(best.values),
         "objective": study.user_attrs.get("objective"), "dataset": study.user_attrs.get("dataset"),
         "tuning_split": study.user_attrs.get("tuning_split"),
+        "tuning_ids": study.user_attrs.get("tuning_ids"),
+        "dataset_options": study.user_attrs.get("dataset_options") or None,
         "labels_touched": study.user_attrs.get("labels_touched"),
         "miou": best.user_attrs.get("miou"), "package_version": study.user_attrs.get("package_version"),
         "choice": choice.summary(),
@@ -346,37 +350,103 @@ def cmd_data(args, console: Console) -> int:
 
 def cmd_eval(args, console: Console) -> int:
     import json
+    import warnings
 
     from rich.progress import Progress
 
     from segmenter import SegmenterConfig
+    from segmenter.config import read_provenance
 
     from .datasets import load_dataset
     from .evaluate import evaluate_config
+    from .outputs import writable_file, write_text_atomic
 
     config = SegmenterConfig.from_yaml(Path(args.config))
-    dataset = load_dataset(args.dataset, **({"root": args.data_root} if args.data_root else {}))
-    dataset.check_split(args.split)
-    total = min(args.images or len(dataset.ids(args.split)), len(dataset.ids(args.split)))
-    with Progress(console=Console(stderr=True), disable=args.no_progress) as progress:
-        task = progress.add_task(f"evaluating on {args.dataset}/{args.split}", total=total)
+    provenance = read_provenance(Path(args.config))
+    writable_file(args.output, "-o/--output file")  # before any image is evaluated
+    same_dataset = provenance.get("dataset") == args.dataset
+    options = _partition_options(provenance) if same_dataset else {}
+    dataset = load_dataset(args.dataset, **options, **({"root": args.data_root} if args.data_root else {}))
+    split, note = _eval_split(dataset, args.split, provenance if same_dataset else {})
+    dataset.check_split(split)
+    if note:
+        console.print(note, highlight=False)
+    total = min(args.images or len(dataset.ids(split)), len(dataset.ids(split)))
+    with Progress(console=Console(stderr=True), disable=args.no_progress) as progress, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped images are listed below
+        task = progress.add_task(f"evaluating on {args.dataset}/{split}", total=total)
         result = evaluate_config(
-            config, dataset, args.split, images=args.images, seed=args.seed,
+            config, dataset, split, images=args.images, seed=args.seed,
             device=None if args.device == "auto" else args.device, cache_dir=args.cache_dir,
             batch_size=args.batch_size, on_image=lambda n: progress.update(task, completed=n),
+            strict=args.strict,
         )
     result["config"] = str(args.config)
-    table = Table(title=f"{args.config} on {args.dataset}/{args.split} ({result['images']} images)")
+    seen = _tuning_images_evaluated(dataset, split, result, provenance if same_dataset else {})
+    if seen is not None:
+        result["tuning_images_evaluated"] = seen[0]
+    table = Table(title=f"{args.config} on {args.dataset}/{split} ({result['images']} images)")
     table.add_column("class")
     table.add_column("IoU", justify="right")
     for name, iou in result["iou_per_class"].items():
         table.add_row(name, "-" if iou is None else f"{iou:.4f}")
     console.print(table)
     console.print(f"mIoU {result['miou']:.4f}   pixel accuracy {result['pixel_accuracy']:.4f}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2))
+    for item in result["skipped"]:
+        console.print(f"[yellow]skipped[/] corrupt image {item['id']}: {item['reason']}", highlight=False,
+                      soft_wrap=True)
+    if result["skipped"]:
+        console.print(f"{len(result['skipped'])} corrupt images skipped, {result['images']} scored")
+    if seen is not None and seen[0]:
+        console.print(f"[yellow]warning:[/] {seen[0]} of the {result['images']} evaluated images {seen[1]}: "
+                      f"this mIoU is not on held-out images (omit --split for the disjoint part)",
+                      highlight=False, soft_wrap=True)
+    write_text_atomic(args.output, json.dumps(result, indent=2))
     console.print(f"wrote {args.output}")
     return 0
+
+
+def _partition_options(provenance: dict) -> dict:
+    """The held-out partition's settings the study used (split_seed, tune_fraction), as numbers."""
+    import yaml
+
+    recorded = provenance.get("dataset_options") or {}
+    return {k: yaml.safe_load(str(recorded[k])) for k in ("split_seed", "tune_fraction") if k in recorded}
+
+
+def _eval_split(dataset, requested: str | None, provenance: dict) -> tuple[str, str]:
+    """(split to evaluate, a note saying why it was chosen, or "")."""
+    from .datasets import split_parts
+
+    tuned = provenance.get("tuning_split")
+    if requested is not None:
+        return requested, ""
+    base = "val" if "val" in dataset.splits or not dataset.splits else dataset.splits[0]
+    if tuned and split_parts(tuned)[1] == "tune" and split_parts(tuned)[0] == base:
+        return f"{base}:eval", (f"evaluating {base}:eval: the config was tuned on {tuned}, the other part of "
+                                f"{base} (pass --split {base} to include the tuning images)")
+    return base, ""
+
+
+def _tuning_images_evaluated(dataset, split: str, result: dict, provenance: dict) -> tuple[int, str] | None:
+    """(how many evaluated images the config was tuned on, how that is known), or None when
+    the config's provenance names no tuning split of this dataset."""
+    from .datasets import split_parts
+    from .study import pick_tuning_ids
+
+    tuned = provenance.get("tuning_split")
+    if not tuned:
+        return None
+    skipped = {item["id"] for item in result["skipped"]}
+    images = result.get("images_requested")
+    evaluated = pick_tuning_ids(dataset, split, images, result["seed"]) if images else dataset.ids(split)
+    evaluated = set(evaluated) - skipped
+    if provenance.get("tuning_ids"):
+        return len(evaluated & set(provenance["tuning_ids"])), f"are tuning images of the config ({tuned})"
+    if split_parts(tuned)[0] not in dataset.splits:
+        return 0, ""
+    return len(evaluated & set(dataset.ids(tuned))), f"lie in {tuned}, the part the config was tuned on"
 
 
 def cmd_segment(args, console: Console) -> int:
@@ -384,18 +454,22 @@ def cmd_segment(args, console: Console) -> int:
 
     from segmenter import Segmenter, SegmenterConfig
 
-    from .apply import iter_image_paths, read_class_list, segment_paths
+    from .apply import plan_outputs, read_class_list, segment_paths
+    from .outputs import writable_dir
 
     names = read_class_list(args.classes, args.classes_file)
     config = SegmenterConfig.from_yaml(Path(args.config))
-    total = sum(1 for _ in iter_image_paths(args.inputs))
+    total = len(plan_outputs(args.inputs))
+    writable_dir(args.out, "--out directory")  # before the model loads
     segmenter = Segmenter(config, device=None if args.device == "auto" else args.device,
                           batch_size=args.batch_size)
     with Progress(console=Console(stderr=True), disable=args.no_progress) as progress:
         task = progress.add_task("segmenting", total=total)
         report = segment_paths(segmenter, names, args.inputs, args.out, save_maps=args.save_maps,
                                progress=lambda: progress.advance(task))
-    console.print(f"wrote {len(report.written)} label maps and overlays to {args.out}")
+    on_disk = sum(1 for path in report.outputs if path.is_file())
+    console.print(f"wrote {on_disk} label maps and overlays to {args.out} (named as the inputs, "
+                  "input tree mirrored)", highlight=False)
     for path, reason in report.failed:
         console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
     return 1 if report.failed and not report.written else 0
