@@ -224,15 +224,14 @@ def cmd_export(args, console: Console) -> int:
     from segmenter import SegmenterConfig
 
     from .confidence import ensure_check, verdict
+    from .outputs import writable_file, write_text_atomic
     from .selection import choose
     from .study import load_study
 
     study = load_study(args.storage, args.study)
     choice = choose(study)
     best = choice.trial
-    output = Path(args.output) if args.output else None
-    if output is not None and output.is_dir():
-        raise ValueError(f"--output {output} is a directory: name a file, e.g. {output / 'best.yaml'}")
+    output = writable_file(args.output, "the exported config") if args.output else None  # before any work
     check = ensure_check(study, choice, device=None if args.device == "auto" else args.device,
                          cache_dir=args.cache_dir, data_root=args.data_root)
     config = SegmenterConfig.from_dict(best.user_attrs["config"])
@@ -255,14 +254,13 @@ def cmd_export(args, console: Console) -> int:
         config = SegmenterConfig.from_dict(study.user_attrs["fixed"])
         provenance["exported"] = "default config: the choice is not reliably better (use --force for it)"
         console_err.print(f"[yellow]{verdict(check)}[/]", soft_wrap=True)
-        console_err.print("[yellow]wrote the default config instead of trial "
-                          f"#{best.number}; `tune export --force` writes the choice anyway[/]", soft_wrap=True)
+        console_err.print(f"[yellow]wrote the default config instead of trial #{best.number}; "
+                          "`tune export --force` writes the choice anyway[/]", soft_wrap=True)
     elif check.get("reliably_better") is False and args.force and not check.get("same_as_default"):
         provenance["exported"] = "the choice, forced (--force) although not reliably better"
     text = config.to_yaml(provenance={k: v for k, v in provenance.items() if v is not None})
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
+        write_text_atomic(output, text)
         what = "the default config" if fallback else f"trial #{best.number}, objective {_values_text(best)}"
         console.print(f"wrote {output} ({what})")
     else:
