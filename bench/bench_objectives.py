@@ -62,12 +62,16 @@ OBJECTIVES = (
     ("itm_match", "itm_match", {}),
     ("region_agreement", "region_agreement", {}),
     ("flip_consistency", "flip_consistency", {}),
+    ("patch_coherence", "patch_coherence", {}),
+    ("miou_supervised (oracle)", "miou_supervised", {}),  # reads the labels: the bench's sanity row
 )
 #: combinations scored by default: label -> parts
 COMBINATIONS = {
     "itm+region": {"itm_match": 1.0, "region_agreement": 1.0},
     "itm+flip": {"itm_match": 1.0, "flip_consistency": 0.5},
     "margin+itm": {"clip_margin": 1.0, "itm_match": 1.0},
+    "coherence+margin": {"patch_coherence": 1.0, "clip_margin": 1.0},
+    "coherence+itm": {"patch_coherence": 1.0, "itm_match": 1.0},
 }
 
 
@@ -121,6 +125,8 @@ def build_objectives(backend, clip: ClipScorer, names: Sequence[str] | None, com
             continue
         extra = {"clip": clip} if name.startswith("clip_") else {}
         out[label] = get_objective(name, device=str(backend.device), backend=backend, **options, **extra)
+        if out[label].labels != "none":  # only the oracle row may read labels
+            assert label.endswith("(oracle)"), label
     for label, parts in combos.items():
         declared = {n: ({"weight": w, "clip": clip} if n.startswith("clip_") else w)
                     for n, w in parts.items()}
@@ -164,7 +170,7 @@ def score_world(world: str, n_configs: int, n_images: int, seed: int, cache_dir:
             items.append(ScoreInput(image=im.sample.image, class_names=tuple(names_i), maps=m,
                                     label_map=label_map, threshold=config.threshold,
                                     vocabulary=dataset.vocabulary, label_names=dataset.class_names,
-                                    image_digest=im.digest, views=seen[i]))
+                                    image_digest=im.digest, views=seen[i], labels=im.sample.labels))
         for label, objective in objectives.items():
             scores[label][t] = objective.score(items)
         if progress:

@@ -244,6 +244,16 @@ class BlipBackend(Backend):
         return torch.cat(scores).view(batch, len(texts))
 
     @torch.inference_mode()
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision encoder's output tokens for the patches (image [CLS] dropped). # [B, gh*gw, D]"""
+        size = pixel_values.shape[-1]
+        hidden = self.model.vision_model(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            interpolate_pos_encoding=size != self._native_size,
+        ).last_hidden_state  # [B, 1 + gh*gw, D]
+        return hidden[:, 1:].float()
+
+    @torch.inference_mode()
     def itm_pair_scores(
         self, pixel_values: torch.Tensor, texts: Sequence[str], batch_size: int = 64
     ) -> torch.Tensor:
