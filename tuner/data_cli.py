@@ -12,17 +12,19 @@ import os
 import warnings
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn
 from rich.text import Text
+
+from segmenter.yaml_input import YamlInputError, load_yaml
 
 SAMPLES_READ = 4  # samples decoded per split by `tune data check`
 
 
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Add `data check` and `data download` to an argparse subparsers object; returns `data`."""
+    from .cli import non_negative_int
     from .datasets import DATASETS
     from .datasets.download import MANIFEST_ENV, downloadable
 
@@ -35,7 +37,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                        help="dataset directory, or a data directory holding it (default: $OVSS_DATA)")
     check.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="a dataset option, e.g. source=instances (repeatable)")
-    check.add_argument("--read", type=int, default=SAMPLES_READ, metavar="N",
+    check.add_argument("--read", type=non_negative_int, default=SAMPLES_READ, metavar="N",
                        help="decode the first N samples of each split (default %(default)s)")
     check.set_defaults(data_handler=cmd_data_check)
 
@@ -65,8 +67,8 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"dataset option {item!r} is not KEY=VALUE")
         try:
-            options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
+            options[key.strip()] = load_yaml(value, f"--option {key.strip()}") if value.strip() else ""
+        except YamlInputError:
             options[key.strip()] = value
     return options
 
