@@ -256,6 +256,8 @@ def test_cli_numbers_zero_is_refused_not_reinterpreted(tmp_path, capsys):
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert "is not an integer >=" in err and "Traceback" not in err, argv
+    assert main(["run", "--workers", str(10_000)]) == 2
+    assert "more than the" in one_line_error(capsys)
 
 
 def test_objective_override_drops_options_the_new_objective_lacks(tmp_path, tiny_blip, tiny_clip, capsys):
@@ -370,3 +372,33 @@ def test_capped_postprocessing_of_a_photo_sized_image_is_fast():
     labels = postprocess(image, maps, SegmenterConfig(postprocess_max_side=256))
     assert labels.shape == (3000, 4000)
     assert time.perf_counter() - started < 20  # uncapped: about a minute
+
+
+# --- 15.17, the same kind: every input that shapes a cached map is in its key ---------------------
+def test_cache_key_covers_every_input_of_the_cached_maps(tmp_path, tiny_blip, rng):
+    """An entry computed under one setting is never served for another: first round counted twice
+    (with Salience Dropout), and a checkpoint directory whose weights were replaced."""
+    from conftest import random_image
+
+    from segmenter.backends.blip import BlipBackend
+    from tuner.datasets import Sample
+    from tuner.trial import MapProvider, TuningImage
+
+    images = [TuningImage(Sample("a", random_image(rng, 32, 32)), "digest-a")]
+    base = SegmenterConfig(model=tiny_blip, image_size=32, layer=2, heads=(1,), dropout_rounds=2, dropout_k=3)
+    cached = MapProvider(BlipBackend(tiny_blip, device="cpu"), MapCache(tmp_path / "cache"))
+    fresh = MapProvider(cached.backend, MapCache(None))
+    for config in (base, base.replace(dropout_count_first_twice=True), base):
+        np.testing.assert_allclose(cached.maps(config, images, [["cat", "dog"]])[0],
+                                   fresh.maps(config, images, [["cat", "dog"]])[0], rtol=1e-6)
+    # the same directory, other weights: another key
+    model_dir = tmp_path / "model"
+    save_tiny_blip(model_dir, seed=1)
+    first = MapProvider(BlipBackend(str(model_dir), device="cpu"), MapCache(tmp_path / "cache2"))
+    config = base.replace(model=str(model_dir), dropout_rounds=1)
+    before = first.maps(config, images, [["cat"]])[0]
+    time.sleep(0.01)
+    save_tiny_blip(model_dir, seed=2)
+    second = MapProvider(BlipBackend(str(model_dir), device="cpu"), MapCache(tmp_path / "cache2"))
+    after = second.maps(config, images, [["cat"]])[0]
+    assert second.model_runs == 1 and not np.allclose(before, after)

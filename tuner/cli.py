@@ -212,6 +212,10 @@ def cmd_run(args, console: Console) -> int:
     from .spec import RESERVED_OPTIONS, builtin_spec_path, load_spec, option_problem
     from .study import RunOptions, StudyRunner
 
+    cpus = os.cpu_count() or 1
+    if args.workers > cpus:
+        raise ValueError(f"--workers {args.workers} is more than the {cpus} CPUs here: each worker "
+                         f"process holds a copy of the post-processing; use at most {cpus}")
     spec = load_spec(args.study_file or builtin_spec_path(args.dataset or DEFAULT_DATASET))
     if not args.no_cache:
         MapCache(args.cache_dir)  # a cache directory that cannot be written fails now, not in a trial
