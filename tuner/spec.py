@@ -252,7 +252,7 @@ def _is_number(value: Any) -> bool:
 
 #: search-space names whose values are integers
 INTEGER_SETTINGS = {f.name for f in dataclasses.fields(SegmenterConfig)
-                    if str(f.type) in ("int", "int | None")} | {"head"}
+                    if str(f.type) in ("int", "int | None")} | {"head", "heads"}
 
 
 def _parse_param(name: Any, raw: Any, earlier: list[ParamSpec], space_names: set, fixed: SegmenterConfig,
