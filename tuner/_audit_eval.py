@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import yaml
 
 from objectives import ScoreInput, confusion_matrix, get_objective, num_label_classes, to_class_ids
 from segmenter import SegmenterConfig, load_backend, postprocess
 from segmenter.images import image_digest
+from segmenter.yaml_input import YamlInputError, load_yaml
 
 from ._audit_stats import counts_from_confusion
 from .cache import MapCache
@@ -80,8 +80,8 @@ def _typed(value: Any) -> Any:
     if value == "None":
         return None
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
+        return load_yaml(value, "a recorded objective option")
+    except YamlInputError:
         return value
 
 

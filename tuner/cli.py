@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 DEFAULT_DATASET = "shapes"
@@ -21,6 +22,26 @@ def parse_batch_size(text: str) -> str | int:
         return parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _int_at_least(least: int, meaning: str = ""):
+    """An argparse type: an integer >= `least`, else a one-line usage error (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {least}{meaning}")
+        return value
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+#: --images, --trials, --top ...: 0 is refused (it would mean "the default" in one command and
+#: "all" in another); leave the option out for its default
+positive_int = _int_at_least(1, " (leave the option out for its default)")
+non_negative_int = _int_at_least(0)
 
 
 def _storage_arg(p: argparse.ArgumentParser) -> None:
@@ -46,22 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--study-file", help="a study spec YAML (default: studies/<dataset>.yaml)")
     run.add_argument("--study", help="study name (default: <dataset>-<objective>)")
     _storage_arg(run)
-    run.add_argument("--trials", type=int, help="finished trials the study should have")
+    run.add_argument("--trials", type=positive_int,
+                     help="finished trials the study should have (default: the spec's `trials`)")
     run.add_argument("--objective", help="objective name (see `tune objectives`)")
-    run.add_argument("--images", type=int, help="number of tuning images")
+    run.add_argument("--images", type=positive_int,
+                     help="number of tuning images (default: the spec's `tuning.images`)")
     run.add_argument("--model", help="BLIP ITM model id or directory (overrides the spec's)")
     run.add_argument("--clip-model", help="CLIP model id or directory for the objective and candidates")
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    run.add_argument("--seed", type=int, help="sampler and tuning-subset seed (recorded in the study)")
+    run.add_argument("--seed", type=non_negative_int,
+                     help="sampler and tuning-subset seed, recorded in the study (default: the spec's "
+                          "`tuning.seed`)")
     run.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
     run.add_argument("--no-cache", action="store_true", help="recompute every map (same values)")
     run.add_argument("--batch-size", type=parse_batch_size, default="auto",
                      help="images per model batch, or auto: from free GPU memory (8 on CPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
-    run.add_argument("--workers", type=int, default=0,
-                     help="processes for the CPU post-processing (dense CRF, blur); 0 = none")
-    run.add_argument("--heartbeat", type=int, default=30,
+    run.add_argument("--workers", type=non_negative_int, default=0,
+                     help="processes for the CPU post-processing (dense CRF, blur); 0 or 1: none, "
+                          "the main process does it (default %(default)s)")
+    run.add_argument("--heartbeat", type=positive_int, default=30,
                      help="seconds between worker heartbeats on a database storage; a trial silent "
                           "for 3 heartbeats is failed and retried (default %(default)s)")
 
@@ -81,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="a table of a study's top trials")
     show.add_argument("--study", required=True)
     _storage_arg(show)
-    show.add_argument("--top", type=int, default=10)
+    show.add_argument("--top", type=positive_int, default=10, help="trials listed (default %(default)s)")
 
     studies = sub.add_parser("studies", help="list the studies in a storage")
     _storage_arg(studies)
@@ -98,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dataset directory (default: $OVSS_DATA)")
     ev.add_argument("--split", help="split to evaluate (default: the part of val the config was not "
                                     "tuned on, as its provenance says: val:eval after val:tune; else val)")
-    ev.add_argument("--images", type=int, help="evaluate a seeded subset of this many images")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--images", type=positive_int,
+                    help="evaluate a seeded subset of this many images (default: every image of the split)")
+    ev.add_argument("--seed", type=non_negative_int, default=0, help="seed of that subset (default 0)")
     ev.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     ev.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
     ev.add_argument("--batch-size", type=parse_batch_size, default="auto",
@@ -141,21 +168,80 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except (SpecError, ValueError, OSError, KeyError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        Console(stderr=True, highlight=False).print(f"[red]error:[/] {message}", soft_wrap=True)
+        _print_error(_storage_full_message(err, args) or _one_line(err))
         return 2
+    except Exception as err:  # a bug or an unforeseen library error: one line, traceback on request
+        if os.environ.get("OVSS_DEBUG"):
+            raise
+        full = _storage_full_message(err, args)
+        if full:
+            _print_error(full)
+            return 2
+        _print_error(f"{type(err).__name__}: {_one_line(err)} (unexpected; set OVSS_DEBUG=1 for the "
+                     "traceback and report it)")
+        return 1
+
+
+#: longest error line printed; longer messages (a value echoed back) are cut
+MAX_ERROR_CHARS = 400
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _print_error(message: str) -> None:
+    Console(stderr=True, highlight=False).print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def _storage_full_message(err: BaseException, args) -> str | None:
+    """The one-line error for a full disk (ENOSPC, SQLite's "database or disk is full")."""
+    import errno
+
+    chain, seen = [], err
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        text = str(e).lower()
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text \
+                or "no space left" in text:
+            where = getattr(args, "storage", None)
+            return (f"no space left on the device ({_one_line(e)}){f' of storage {where}' if where else ''}: "
+                    "free space, then rerun the same command; finished trials are kept")
+    return None
 
 
 # --- commands ---------------------------------------------------------------------------------------
 def cmd_run(args, console: Console) -> int:
-    from .spec import builtin_spec_path, load_spec
+    from .cache import MapCache
+    from .spec import RESERVED_OPTIONS, builtin_spec_path, load_spec, option_problem
     from .study import RunOptions, StudyRunner
 
+    cpus = os.cpu_count() or 1
+    if args.workers > cpus:
+        raise ValueError(f"--workers {args.workers} is more than the {cpus} CPUs here: each worker "
+                         f"process holds a copy of the post-processing; use at most {cpus}")
     spec = load_spec(args.study_file or builtin_spec_path(args.dataset or DEFAULT_DATASET))
+    if not args.no_cache:
+        MapCache(args.cache_dir)  # a cache directory that cannot be written fails now, not in a trial
     if args.dataset and args.study_file:
         spec = spec.replace(dataset=args.dataset)
-    if args.objective:
-        spec = spec.replace(objective=args.objective)
+    if args.objective and args.objective != spec.objective:
+        from objectives._base import objective_class
+
+        cls = objective_class(args.objective)
+        kept = {k: v for k, v in spec.objective_options.items()
+                if not option_problem(cls, {k: v}, RESERVED_OPTIONS["objective"])}
+        dropped = sorted(set(spec.objective_options) - set(kept))
+        if dropped:
+            console.print(f"note: objective {args.objective} takes no {', '.join(dropped)}: {spec.source}'s "
+                          f"objective_options for {spec.objective} are left out", highlight=False)
+        spec = spec.replace(objective=args.objective, objective_options=kept)
     if args.model:
         spec = spec.replace(fixed=spec.fixed.replace(model=args.model))
     if args.clip_model:
@@ -168,8 +254,6 @@ def cmd_run(args, console: Console) -> int:
         data_root=args.data_root, progress=not args.no_progress, heartbeat=args.heartbeat,
         workers=args.workers, strict=args.strict,
     )
-    if options.trials is not None and options.trials < 1:
-        raise ValueError("--trials must be at least 1")
     runner = StudyRunner(spec, options)
     before = runner.finished()
     try:
@@ -355,6 +439,7 @@ def cmd_eval(args, console: Console) -> int:
     from segmenter import SegmenterConfig
     from segmenter.config import read_provenance
 
+    from .cache import MapCache
     from .datasets import load_dataset
     from .evaluate import evaluate_config
     from .outputs import writable_file, write_text_atomic
@@ -362,6 +447,7 @@ def cmd_eval(args, console: Console) -> int:
     config = SegmenterConfig.from_yaml(Path(args.config))
     provenance = read_provenance(Path(args.config))
     writable_file(args.output, "-o/--output file")  # before any image is evaluated
+    MapCache(args.cache_dir)  # a cache directory that cannot be written fails before the evaluation
     same_dataset = provenance.get("dataset") == args.dataset
     options = _partition_options(provenance) if same_dataset else {}
     dataset = load_dataset(args.dataset, **options, **({"root": args.data_root} if args.data_root else {}))

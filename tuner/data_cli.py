@@ -12,11 +12,12 @@ import os
 import warnings
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn
 from rich.text import Text
+
+from segmenter.yaml_input import YamlInputError, load_yaml
 
 SAMPLES_READ = 4  # samples decoded per split by `tune data check`
 
@@ -69,8 +70,8 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"dataset option {item!r} is not KEY=VALUE")
         try:
-            options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
+            options[key.strip()] = load_yaml(value, f"--option {key.strip()}") if value.strip() else ""
+        except YamlInputError:
             options[key.strip()] = value
     return options
 

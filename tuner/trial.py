@@ -75,16 +75,19 @@ class MapProvider:
     def __init__(self, backend: Backend, cache: MapCache, batch_size: int = 8) -> None:
         self.backend, self.cache, self.batch_size = backend, cache, batch_size
         self.model_runs = 0  # batches sent to the backend
+        self.weights = weights_fingerprint(backend.model_id) if cache.enabled else None
 
     def _key(self, config: SegmenterConfig, digest: str, candidates: Sequence[str]) -> str:
         parts = dict(
             backend=config.backend, model=self.backend.model_id, revision=self.backend.revision,
-            image=digest, image_size=config.image_size, candidates=list(candidates),
-            prompt=config.prompt_prefix, layer=config.layer,
+            weights=self.weights, image=digest, image_size=config.image_size,
+            candidates=list(candidates), prompt=config.prompt_prefix, layer=config.layer,
         )
-        if config.dropout_rounds > 1:  # dropped patches depend on the heads and the schedule
+        if config.dropout_rounds > 1:  # dropped patches depend on the heads and the schedule,
+            # and the stored sum weighs the first round by the double-count flag
             parts.update(heads=list(config.heads), schedule=config.dropout_schedule,
-                         rounds=config.dropout_rounds, k=config.dropout_k)
+                         rounds=config.dropout_rounds, k=config.dropout_k,
+                         first_twice=config.dropout_count_first_twice)
         return cache_key(**parts)
 
     def maps(
@@ -117,6 +120,21 @@ class MapProvider:
                     array = 2.0 * array
             out.append(array.astype(np.float32))
         return out
+
+
+def weights_fingerprint(model: str) -> list | None:
+    """For a checkpoint directory, (name, size, mtime) of its weight and config files, so that maps
+    cached for a directory are not served after its weights were replaced; None for a hub id
+    (its revision is in the key)."""
+    from pathlib import Path
+
+    from segmenter.backends import resolve_model_path
+
+    root = Path(resolve_model_path(model))
+    if not root.is_dir():
+        return None
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 class CandidatePicker:

@@ -76,6 +76,47 @@ def load_error(kind: str, model: str, err: Exception) -> OSError:
     )
 
 
+#: model types (config.json `model_type`) and the checkpoints that carry them, for messages
+MODEL_KINDS = {"blip": "a BLIP model (set it as `model`)",
+               "clip": "a CLIP model (set it as `candidates_model` or the objective's `clip_model`)"}
+
+
+def load_pretrained(model_cls, model: str, revision: str | None, *, kind: str, model_type: str,
+                    used: tuple[str, ...]):
+    """`model_cls.from_pretrained` that refuses what would run with random weights.
+
+    `model` is a hub id or directory (`pkg://` resolved). Raises OSError (one line) when it
+    cannot be read, when its config names another `model_type` (a CLIP where a BLIP is asked
+    for, say), or when any weight of the modules in `used` (name prefixes) is missing from the
+    checkpoint or has another shape: transformers would initialise those at random (a BLIP
+    without its ITM head scores at chance) and say so only in a warning.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError, KeyError) as err:
+        raise load_error(kind, model, err) from None
+    found = getattr(config, "model_type", None)
+    if found != model_type:
+        what = MODEL_KINDS.get(found, f"a model of type {found!r}")
+        raise OSError(f"{model!r} holds {what}, not the {kind} asked for here: give a {kind} checkpoint")
+    try:
+        net, info = model_cls.from_pretrained(path, revision=revision, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise load_error(kind, model, err) from None
+    missing = sorted({*info.get("missing_keys", ()), *(k[0] if isinstance(k, tuple) else k
+                                                        for k in info.get("mismatched_keys", ()))})
+    missing = [k for k in missing if k.startswith(used)]
+    if missing:
+        raise OSError(
+            f"{model!r} lacks {len(missing)} weights the {kind} needs ({missing[0]}, ...): they would be "
+            "random; give a complete checkpoint (save_pretrained of the whole model)"
+        )
+    return net
+
+
 class BlipBackend(Backend):
     """BLIP image-text matching: BERT-style text encoder with cross-attention over ViT patches."""
 
@@ -95,10 +136,8 @@ class BlipBackend(Backend):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         path = resolve_model_path(self.model_id)
-        try:
-            net = BlipForImageTextRetrieval.from_pretrained(path, revision=revision)
-        except (OSError, ValueError) as err:
-            raise load_error("BLIP ITM model", self.model_id, err) from None
+        net = load_pretrained(BlipForImageTextRetrieval, self.model_id, revision, kind="BLIP ITM model",
+                              model_type="blip", used=("vision_model.", "text_encoder.", "itm_head."))
         try:
             processor = AutoProcessor.from_pretrained(path, revision=revision)
         except (OSError, ValueError) as err:
