@@ -127,12 +127,18 @@ def build_objectives(backend, clip: ClipScorer, names: Sequence[str] | None, com
         out[label] = get_objective(name, device=str(backend.device), backend=backend, **options, **extra)
         if out[label].labels != "none":  # only the oracle row may read labels
             assert label.endswith("(oracle)"), label
-    for label, parts in combos.items():
-        declared = {n: ({"weight": w, "clip": clip} if n.startswith("clip_") else w)
-                    for n, w in parts.items()}
-        out[label] = get_objective("combination", device=str(backend.device), backend=backend,
-                                   parts=declared)
+    for parts in combos.values():  # a combination's parts are scored on their own (see combine)
+        for name in parts:
+            if name not in out:
+                extra = {"clip": clip} if name.startswith("clip_") else {}
+                out[name] = get_objective(name, device=str(backend.device), backend=backend, **extra)
     return out
+
+
+def combine(scores: dict[str, np.ndarray], combos: dict) -> dict[str, np.ndarray]:
+    """Each combination's per-image scores: the weighted sum of its parts' (what `combination` does)."""
+    return {label: sum(weight * scores[name] for name, weight in parts.items())
+            for label, parts in combos.items()}
 
 
 def score_world(world: str, n_configs: int, n_images: int, seed: int, cache_dir: str,
@@ -178,6 +184,8 @@ def score_world(world: str, n_configs: int, n_images: int, seed: int, cache_dir:
                   flush=True)
     if progress:
         print(file=sys.stderr)
+    combos = COMBINATIONS if combos is None else combos
+    scores = {**{k: v for k, v in scores.items() if names is None or k in names}, **combine(scores, combos)}
     miou = miou_from_counts(counts.sum(axis=1))
     return WorldResult(Path(root).name if world not in BUNDLED else world,
                        [_describe(c) for c in configs], miou, counts, scores,
@@ -268,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (stated in the output)")
     parser.add_argument("--fast", action="store_true", help="8 configs x 6 images, 50 replicates")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--save-scores", metavar="DIR",
+                        help="write each world's per-image scores and counts (npz) for later analysis")
     args = parser.parse_args(argv)
     if args.fast:
         args.configs, args.images, args.bootstrap = 8, 6, 50
@@ -285,6 +295,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             result = score_world(world, args.configs, args.images, args.seed, args.cache_dir or tmp,
                                  names, combos)
             summary = summarise(result, args.bootstrap, args.seed)
+            if args.save_scores:
+                Path(args.save_scores).mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(Path(args.save_scores) / f"{result.name}.npz", counts=result.counts,
+                                    miou=result.miou, configs=json.dumps(result.configs),
+                                    **{f"score:{k}": v for k, v in result.scores.items()})
             print_table(summary)
             out["worlds"].append(summary)
     line = json.dumps(out)
