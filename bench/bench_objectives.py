@@ -13,7 +13,8 @@ tuning) and scored by every objective. Per objective it prints Spearman, Kendall
 objective-weighted tau between the objective's mean and the dataset mIoU across configs, the
 regret of its pick (mIoU points lost against the best config), how many configs tie at its top
 value, and bootstrap 95% intervals over images (the images are resampled, every statistic
-recomputed). Maps go through a map cache, so the configs cost one model pass per (image,
+recomputed), and "blind" pairs: configs with the same objective value whose mIoU differs by more
+than 5 points. Maps go through a map cache, so the configs cost one model pass per (image,
 layer, dropout setting). Ends with one JSON line (and `--json FILE`).
 """
 
@@ -212,12 +213,17 @@ def summarise(result: WorldResult, replicates: int, seed: int) -> dict:
         tied = tied_at_top(value)
         top = np.flatnonzero(np.abs(value - value.max()) <= 1e-9 * max(abs(value.max()), 1e-12))
         boot = bootstrap(per_image, result.counts, joint=True, replicates=replicates, seed=seed)
+        i, j = np.triu_indices(value.size, k=1)
+        same = np.abs(value[i] - value[j]) <= 1e-9 * np.maximum(np.abs(value[i]), 1e-12)
+        blind = int(np.sum(same & (np.abs(result.miou[i] - result.miou[j]) > 0.05)))
         rows[label] = {
             "spearman": agreement["spearman"]["value"], "kendall": agreement["kendall"]["value"],
             "weighted_tau": agreement["weighted_tau"]["value"],
             "regret_points": 100 * float(result.miou.max() - result.miou[pick]),
             "pick": result.configs[pick], "pick_miou": float(result.miou[pick]),
             "tied_at_top": tied,
+            # pairs of configs with one objective value whose mIoU differs by more than 5 points
+            "blind_pairs": blind,
             "tied_miou_spread_points": 100 * float(np.ptp(result.miou[top])) if tied > 1 else 0.0,
             "ci95": {key: boot[key]["ci95"] for key in ("spearman", "kendall", "weighted_tau", "regret")},
         }
@@ -241,14 +247,14 @@ def print_table(summary: dict) -> None:
           f"best mIoU {summary['best_miou']:.3f}, median {summary['median_miou']:.3f}, "
           f"{summary['seconds']} s, {summary['model_batches']} model batches")
     header = f"{'objective':<24} {'Spearman':>8} {'95% CI':>15} {'Kendall':>8} {'w-tau':>6} " \
-             f"{'regret':>7} {'95% CI':>15} {'tied':>5}"
+             f"{'regret':>7} {'95% CI':>15} {'tied':>5} {'blind':>5}"
     print(header)
     print("-" * len(header))
     for label, row in summary["objectives"].items():
         ci = row["ci95"]
         print(f"{label:<24} {row['spearman']:>8.3f} {_ci(ci['spearman']):>15} {row['kendall']:>8.3f} "
               f"{row['weighted_tau']:>6.3f} {row['regret_points']:>7.1f} "
-              f"{_ci(ci['regret_points'], digits=1):>15} {row['tied_at_top']:>5}")
+              f"{_ci(ci['regret_points'], digits=1):>15} {row['tied_at_top']:>5} {row['blind_pairs']:>5}")
 
 
 def parse_combination(text: str) -> tuple[str, dict[str, float]]:

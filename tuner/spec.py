@@ -92,7 +92,10 @@ class StudySpec:
 
     @property
     def study_name(self) -> str:
-        return self.name or f"{self.dataset}-{self.objective}"
+        """The spec's `name` ("{objective}" in it becomes the objective's name), else DATASET-OBJECTIVE."""
+        if self.name:
+            return str(self.name).replace("{objective}", self.objective)
+        return f"{self.dataset}-{self.objective}"
 
     # -- trials ----------------------------------------------------------------------------------
     def suggest(self, trial: optuna.Trial) -> SegmenterConfig:
