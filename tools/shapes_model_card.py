@@ -219,6 +219,15 @@ def is_planted(settings: dict) -> bool:
     return bool(settings.get("blip_cam_layer", 0))
 
 
+def world_name(models: Path) -> str:
+    """"bundled `planted`" / "bundled `unplanted`" for the package's worlds, else "`FOLDER NAME`"."""
+    here = models.resolve()
+    if here.parent == (REPO / "tuner" / "datasets").resolve():
+        name = {v: k for k, v in BUNDLED_WORLDS.items()}.get(here.name, here.name)
+        return f"bundled `{name}`"
+    return f"`{here.name}`"
+
+
 def load_line(models: Path) -> str:
     """How to load the world's models: by bundled name inside the package, else by folder."""
     package = (REPO / "tuner" / "datasets").resolve()
@@ -246,8 +255,7 @@ def title_lines(models: Path, settings: dict) -> list[str]:
                 "whatever localises learnt to from image-caption matching alone, so a label-free objective "
                 "that finds it here is honestly tested.")
     return [
-        "# Shapes-world models: tiny BLIP ITM and CLIP" + ("" if models.resolve() == DEFAULT_MODELS.resolve()
-                                                          else f" (world `{models.name}`)"),
+        f"# Shapes-world models: tiny BLIP ITM and CLIP ({world_name(models)} world)",
         "",
         kind,
         "",
