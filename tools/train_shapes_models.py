@@ -481,6 +481,10 @@ def main(argv: list[str] | None = None) -> None:
                      "(the last text layer's class-token gradients are zero), or 0 for no planted head")
     if not 0 <= settings.blip_cam_head < settings.blip_heads:
         parser.error(f"--blip-cam-head {settings.blip_cam_head}: use 0-{settings.blip_heads - 1}")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as error:
+        parser.error(f"--device {args.device} is not usable here ({str(error).splitlines()[0]}): use cpu")
     kinds = [args.only] if args.only else ["blip", "clip"]
     start = time.time()
     if args.sequential or len(kinds) == 1:
