@@ -146,13 +146,9 @@ def test_unplanted_world_is_small_loads_and_no_head_was_planted():
 def test_unplanted_world_best_gradcam_head_localises_as_its_card_says():
     """The card's best (layer, head) and its IoU, recomputed by the card's own rule on the same
     held-out scenes; and it localises (well above the median head and the whole-image baseline)."""
-    import importlib.util
     import re
 
-    tool = Path(__file__).parents[1] / "tools" / "shapes_model_card.py"
-    spec = importlib.util.spec_from_file_location("card", tool)
-    card_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(card_tool)
+    card_tool = load_card_tool()
     card = (UNPLANTED / "MODEL_CARD.md").read_text()
     said = re.search(r"best \(layer, head\) = \*\*\((\d+), (\d+)\)\*\* with IoU \*\*([0-9.]+)\*\*", card)
     layer, head, said_iou = int(said[1]), int(said[2]), float(said[3])
@@ -164,3 +160,25 @@ def test_unplanted_world_best_gradcam_head_localises_as_its_card_says():
     assert abs(ranked[layer - 1, head] - said_iou) < 0.01
     assert said_iou >= 0.45
     assert said_iou >= np.median(ranked) + 0.2
+
+
+def load_card_tool():
+    import importlib.util
+
+    tool = Path(__file__).parents[1] / "tools" / "shapes_model_card.py"
+    spec = importlib.util.spec_from_file_location("shapes_model_card", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_worlds_summary_lists_each_world_with_a_cpu_retrain_command(tmp_path):
+    import shutil
+
+    world = tmp_path / "p4-b64-copy"
+    shutil.copytree(UNPLANTED, world)
+    text = load_card_tool().collect([world])
+    assert "| `p4-b64-copy` | no | cuda |" in text  # planted?, where the BLIP trained
+    assert ("    python tools/train_shapes_models.py --blip-cam-layer 0 --blip-batch 64 --blip-steps 3000 "
+            "--out /work/worlds/p4-b64-copy") in text  # no --only/--device/old --out
+    assert "### GradCAM localisation IoU per (layer, head)" in text  # the card, one level down
