@@ -178,7 +178,7 @@ def test_worlds_summary_lists_each_world_with_a_cpu_retrain_command(tmp_path):
     world = tmp_path / "p4-b64-copy"
     shutil.copytree(UNPLANTED, world)
     text = load_card_tool().collect([world])
-    assert "| `p4-b64-copy` | no | cuda |" in text  # planted?, where the BLIP trained
+    assert "| `p4-b64-copy` (bundled as `unplanted`) | no | cuda |" in text  # shipped?, planted?, device
     assert ("    python tools/train_shapes_models.py --blip-cam-layer 0 --blip-batch 64 --blip-steps 3000 "
             "--out /work/worlds/p4-b64-copy") in text  # no --only/--device/old --out
     assert "### GradCAM localisation IoU per (layer, head)" in text  # the card, one level down

@@ -409,7 +409,12 @@ def collect(worlds: list[Path]) -> str:
         itm = re.search(r"balanced pairs: \*\*([0-9.]+%)\*\*", card)[1]
         clip = re.search(r"single-object images \*\*([0-9.]+%)\*\*", card)[1]
         raw = re.search(r"raw cross-attention .* with IoU ([0-9.]+)", card)[1]
-        rows.append(f"| `{models.name}` | {'yes' if is_planted(info['settings']) else 'no'} | "
+        shipped = [name for name, folder in BUNDLED_WORLDS.items()
+                   if (REPO / "tuner" / "datasets" / folder / "blip" / "model.safetensors").is_file()
+                   and (REPO / "tuner" / "datasets" / folder / "blip" / "model.safetensors").read_bytes()
+                   == (models / "blip" / "model.safetensors").read_bytes()]
+        bundled = f" (bundled as `{shipped[0]}`)" if shipped else ""
+        rows.append(f"| `{models.name}`{bundled} | {'yes' if is_planted(info['settings']) else 'no'} | "
                     f"{info.get('device', 'cpu')} | {info['train_seconds']:.0f} | {itm} | {clip} | "
                     f"({best[1]}, {best[2]}) {best[3]} | {best[4]} | {raw} |")
         body = card.split("\n", 1)[1].replace("\n## ", "\n### ")
