@@ -426,7 +426,10 @@ def collect(worlds: list[Path]) -> str:
         "Written by `python tools/shapes_model_card.py --collect DIR...` from each world's card "
         "(`python tools/shapes_model_card.py --models DIR`; held-out val + test scenes, 400 images). "
         "GradCAM IoU at t = 0.5; `device` is where the BLIP trained (cuda: a GPU, whose sums differ from "
-        "the CPU's, so retraining on CPU gives a different model of the same recipe).",
+        "the CPU's, so retraining on CPU gives a different model of the same recipe); `BLIP train s` is the "
+        "run's wall time as recorded, which on a shared machine includes waiting for the CPU. Each world's "
+        "section gives the command that retrains it on CPU into /work/worlds/NAME (its CLIP uses the "
+        "default CLIP settings and the world's seed).",
         "",
         "| world | planted | device | BLIP train s | ITM | CLIP top-1 | best GradCAM (layer, head) IoU | "
         "median | best raw attention IoU |",
