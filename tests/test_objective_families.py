@@ -222,7 +222,7 @@ def test_export_writes_the_default_config_when_the_choice_is_not_reliably_better
     study = optuna.load_study(study_name="shapes-clip_margin", storage=storage)
     check = study.user_attrs["confidence_check"]
     assert "unavailable" not in check, check
-    assert check["trial"] == choose(study).trial.number and check["images"] == 6 and not check["optimistic"]
+    assert check["trial"] == choose(study).trial.number and check["images"] == 96 and not check["optimistic"]
     assert set(study.user_attrs["check_ids"]).isdisjoint(study.user_attrs["tuning_ids"])
     assert main(["export", "--study", "shapes-clip_margin", "-o", str(tmp_path / "a.yaml"), *base]) == 0
     fixed = SegmenterConfig.from_dict(study.user_attrs["fixed"])

@@ -56,11 +56,17 @@ def test_bundled_clip_names_single_objects():
     assert np.mean([p == s.image_classes[0] for p, s in zip(predicted, singles)]) >= 0.9
 
 
-def test_default_study_uses_the_bundled_models():
-    spec = load_spec(builtin_spec_path("shapes"))
-    assert spec.dataset == "shapes"
-    assert spec.fixed.model == "pkg://tuner.datasets/shapes_models/blip"
-    assert spec.objective_options["clip_model"] == "pkg://tuner.datasets/shapes_models/clip"
+def test_default_study_runs_the_unplanted_world_and_the_planted_one_is_named_apart():
+    spec = load_spec(builtin_spec_path("shapes"))  # what `tune run` runs with no --dataset
+    assert spec.dataset == "shapes" and spec.study_name == "shapes-clip_margin"
+    assert spec.fixed.model == "pkg://tuner.datasets/shapes_models_unplanted/blip"
+    assert spec.objective_options["clip_model"] == "pkg://tuner.datasets/shapes_models_unplanted/clip"
+    planted = load_spec(builtin_spec_path("shapes_planted"))
+    assert planted.fixed.model == "pkg://tuner.datasets/shapes_models/blip"
+    assert planted.objective_options["clip_model"] == "pkg://tuner.datasets/shapes_models/clip"
+    assert planted.study_name == "shapes_planted-clip_margin"  # beside the unplanted study in one storage
+    assert planted.replace(objective="clip_reward", objective_options={}).study_name == \
+        "shapes_planted-clip_reward"
 
 
 def test_tune_run_without_dataset_runs_the_shapes_world_offline(tmp_path):
@@ -71,7 +77,7 @@ def test_tune_run_without_dataset_runs_the_shapes_world_offline(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert "model: pkg://tuner.datasets/shapes_models/blip" in out  # the best config, printed
+    assert "model: pkg://tuner.datasets/shapes_models_unplanted/blip" in out  # the best config, printed
     assert "best trial #" in out and "mIoU" in out
     assert "default config" in out
     assert (tmp_path / "runs" / "tune.db").is_file()  # the study, resumable
@@ -158,8 +164,8 @@ def test_unplanted_world_best_gradcam_head_localises_as_its_card_says():
     ranked = iou[..., card_tool.THRESHOLDS.index(card_tool.THRESHOLD)][:-1]  # last layer: zero maps
     assert np.unravel_index(ranked.argmax(), ranked.shape) == (layer - 1, head)
     assert abs(ranked[layer - 1, head] - said_iou) < 0.01
-    assert said_iou >= 0.45
-    assert said_iou >= np.median(ranked) + 0.2
+    assert said_iou >= 0.35  # the shipped CPU-trained world: 0.392 (MODEL_CARD.md)
+    assert said_iou >= np.median(ranked) + 0.15
 
 
 def load_card_tool():
@@ -175,10 +181,10 @@ def load_card_tool():
 def test_worlds_summary_lists_each_world_with_a_cpu_retrain_command(tmp_path):
     import shutil
 
-    world = tmp_path / "p4-b64-copy"
+    world = tmp_path / "p4-copy"
     shutil.copytree(UNPLANTED, world)
     text = load_card_tool().collect([world])
-    assert "| `p4-b64-copy` (bundled as `unplanted`) | no | cuda |" in text  # shipped?, planted?, device
-    assert ("    python tools/train_shapes_models.py --blip-cam-layer 0 --blip-batch 64 --blip-steps 3000 "
-            "--out /work/worlds/p4-b64-copy") in text  # no --only/--device/old --out
+    assert "| `p4-copy` (bundled as `unplanted`) | no | cpu |" in text  # shipped?, planted?, device
+    assert ("    python tools/train_shapes_models.py --blip-cam-layer 0 "
+            "--out /work/worlds/p4-copy") in text  # the recorded command, --out to the world's folder
     assert "### GradCAM localisation IoU per (layer, head)" in text  # the card, one level down

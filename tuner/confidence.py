@@ -5,8 +5,9 @@ is nearly flat across configs (attention that barely localises, an objective bli
 changes), that pick is noise, and it can be worse than the spec's fixed settings. Without labels
 the tool can still see this: score the chosen config and the default config with the same
 objective on *check images* (a seeded sample of the tuning split that the study did not tune on,
-so the choice's selection on the tuning images does not flatter it), and ask whether the chosen
-config wins image by image.
+so the choice's selection on the tuning images does not flatter it; twice as many as the tuning
+images and at least MIN_CHECK_IMAGES, since per-image values vary widely between images), and
+ask whether the chosen config wins image by image.
 
 The test is the one-sided Wilcoxon signed-rank test on the per-image differences (chosen minus
 default; zero differences split between the signs, scipy's "zsplit"), with the rank-biserial
@@ -90,11 +91,17 @@ def verdict(record: dict) -> str:
             ": the objective cannot tell them apart, so the default config is the safer answer")
 
 
+#: check images: twice the tuning images, at least this many (when the split has them): per-image
+#: objective values vary a lot between images, and a test on few of them has little power
+MIN_CHECK_IMAGES = 96
+
+
 def pick_check_ids(split_ids: Sequence[str], tuning_ids: Sequence[str], seed: int) -> list[str]:
-    """As many ids of the tuning split as there are tuning images, none of them, seeded (seed + 1)."""
+    """Ids of the tuning split outside the tuning images, seeded (seed + 1): twice as many as the
+    tuning images and at least MIN_CHECK_IMAGES, or all there are."""
     tuning = set(tuning_ids)
     pool = [i for i in split_ids if i not in tuning]
-    count = min(len(tuning), len(pool))
+    count = min(max(2 * len(tuning), MIN_CHECK_IMAGES), len(pool))
     if not count:
         return []
     rng = np.random.default_rng(seed + 1)
