@@ -257,6 +257,28 @@ def print_table(summary: dict) -> None:
               f"{_ci(ci['regret_points'], digits=1):>15} {row['tied_at_top']:>5} {row['blind_pairs']:>5}")
 
 
+def print_across(worlds: list[dict]) -> None:
+    """One row per objective: Spearman / regret (mIoU points) / blind pairs in each world, and means."""
+    labels = list(dict.fromkeys(k for w in worlds for k in w["objectives"]))
+    names = [w["world"] for w in worlds]
+    best = ", ".join(f"{w['world']} {w['best_miou']:.3f}" for w in worlds)
+    print(f"\nacross worlds: Spearman / regret in mIoU points (blind pairs) per world; best mIoU {best}")
+    print(f"{'objective':<24} " + " ".join(f"{n[:22]:>22}" for n in names) + f" {'mean':>14}")
+    for label in labels:
+        cells, rhos, regrets = [], [], []
+        for w in worlds:
+            row = w["objectives"].get(label)
+            if row is None:
+                cells.append(f"{'-':>22}")
+                continue
+            rhos.append(row["spearman"])
+            regrets.append(row["regret_points"])
+            cell = f"{row['spearman']:>6.2f} / {row['regret_points']:>5.1f} ({row.get('blind_pairs', '-'):>2})"
+            cells.append(cell.rjust(22))
+        mean = f"{np.mean(rhos):.2f} / {np.mean(regrets):.1f}" if rhos else "-"
+        print(f"{label:<24} " + " ".join(cells) + f" {mean:>14}")
+
+
 def parse_combination(text: str) -> tuple[str, dict[str, float]]:
     """'label=name:w,name:w' or 'name:w,name:w' -> (label, parts)."""
     label, _, body = text.rpartition("=")
@@ -281,10 +303,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", help="map cache (default: a temporary directory)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (stated in the output)")
     parser.add_argument("--fast", action="store_true", help="8 configs x 6 images, 50 replicates")
+    parser.add_argument("--summarise", nargs="+", metavar="JSON",
+                        help="print the across-worlds table of earlier runs' JSON files, and stop")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--save-scores", metavar="DIR",
                         help="write each world's per-image scores and counts (npz) for later analysis")
     args = parser.parse_args(argv)
+    if args.summarise:
+        worlds = [w for f in args.summarise for w in json.loads(Path(f).read_text())["worlds"]]
+        print_across(worlds)
+        return {"worlds": worlds}
     if args.fast:
         args.configs, args.images, args.bootstrap = 8, 6, 50
     if args.configs < 2 or args.images < 1:
@@ -308,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                     **{f"score:{k}": v for k, v in result.scores.items()})
             print_table(summary)
             out["worlds"].append(summary)
+    if len(out["worlds"]) > 1:
+        print_across(out["worlds"])
     line = json.dumps(out)
     print(line)
     if args.json:
