@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--study-file", help="a study spec YAML (default: studies/<dataset>.yaml)")
     run.add_argument("--study", help="study name (default: <dataset>-<objective>)")
     _storage_arg(run)
-    run.add_argument("--trials", type=int, help="finished trials the study should have")
+    run.add_argument("--trials", type=int, help="distinct finished configs the study should have")
     run.add_argument("--objective", help="objective name (see `tune objectives`)")
     run.add_argument("--images", type=int, help="number of tuning images")
     run.add_argument("--model", help="BLIP ITM model id or directory (overrides the spec's)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=0,
                      help="processes for the CPU post-processing (dense CRF, blur); 0 = none")
     run.add_argument("--heartbeat", type=int, default=30,
-                     help="seconds between worker heartbeats on a database storage; a trial silent "
+                     help="seconds between a running trial's heartbeats (every storage); a trial silent "
                           "for 3 heartbeats is failed and retried (default %(default)s)")
 
     export = sub.add_parser("export", help="write the best trial's SegmenterConfig as YAML")
@@ -125,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         return COMMANDS[args.command](args, console)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during `tune run` (study.Terminated)
         Console(stderr=True).print(
             "[yellow]interrupted[/]: finished trials are saved; rerun the same command to continue"
         )
-        return 130
+        return 143 if type(err).__name__ == "Terminated" else 130
     except (SpecError, ValueError, OSError, KeyError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         Console(stderr=True, highlight=False).print(f"[red]error:[/] {message}", soft_wrap=True)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 # --- commands ---------------------------------------------------------------------------------------
 def cmd_run(args, console: Console) -> int:
     from .spec import builtin_spec_path, load_spec
-    from .study import RunOptions, StudyRunner
+    from .study import RunOptions, StudyRunner, sigterm_as_interrupt
 
     spec = load_spec(args.study_file or builtin_spec_path(args.dataset or DEFAULT_DATASET))
     if args.dataset and args.study_file:
@@ -160,24 +160,32 @@ def cmd_run(args, console: Console) -> int:
     )
     if options.trials is not None and options.trials < 1:
         raise ValueError("--trials must be at least 1")
-    runner = StudyRunner(spec, options)
-    before = runner.finished()
-    try:
-        study = runner.run()
-    finally:
-        runner.close()
-    ran = runner.finished() - before
-    console.print(f"study [bold]{runner.name}[/] in {args.storage}: {runner.finished()} finished trials"
-                  f" ({ran} run now); map cache {runner.cache.hits} hits, {runner.cache.misses} misses")
-    _print_best(study, console, runner)
+    with sigterm_as_interrupt():  # a scheduler's or `timeout`'s SIGTERM ends the trial like Ctrl-C
+        runner = StudyRunner(spec, options)
+        try:  # the worker processes stay up for the default config's evaluation in the report
+            before = runner.finished()
+            study = runner.run()
+            ran = runner.finished() - before
+            repeats = sum("repeat_of" in t.user_attrs for t in study.get_trials(deepcopy=False))
+            counted = f"; {repeats} repeats of evaluated configs not counted" if repeats else ""
+            console.print(f"study [bold]{runner.name}[/] in {args.storage}: {runner.finished()} distinct "
+                          f"configs finished ({ran} run now){counted}; map cache {runner.cache.hits} hits, "
+                          f"{runner.cache.misses} misses")
+            if runner.exhausted:
+                console.print(f"[yellow]stopped before {runner.trials} trials[/]: {runner.exhausted}")
+            _print_best(study, console, runner)
+        finally:
+            runner.close()
     return 0
 
 
 def _print_best(study, console: Console, runner=None) -> None:
     from segmenter import SegmenterConfig
 
+    from .study import best_trial
+
     try:
-        best = study.best_trial
+        best = best_trial(study)
     except ValueError:
         console.print("no completed trial yet")
         return
@@ -198,11 +206,11 @@ def _print_best(study, console: Console, runner=None) -> None:
 def cmd_export(args, console: Console) -> int:
     from segmenter import SegmenterConfig
 
-    from .study import load_study
+    from .study import best_trial, load_study
 
     study = load_study(args.storage, args.study)
     try:
-        best = study.best_trial
+        best = best_trial(study)
     except ValueError:
         raise ValueError(f"study {args.study!r} has no completed trial yet: run it first") from None
     config = SegmenterConfig.from_dict(best.user_attrs["config"])
@@ -226,12 +234,14 @@ def cmd_export(args, console: Console) -> int:
 def cmd_show(args, console: Console) -> int:
     from optuna.trial import TrialState
 
-    from .study import load_study
+    from .study import is_repeat, load_study
 
     study = load_study(args.storage, args.study)
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not is_repeat(t)]
+    repeats = len(study.trials) - len(trials)
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    counts["repeats (not shown)"] = repeats
     table = Table(title=f"{study.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
     for col in ("trial", "objective", "mIoU", "params"):
         table.add_column(col, justify="right" if col != "params" else "left")
@@ -246,7 +256,7 @@ def cmd_show(args, console: Console) -> int:
 def cmd_studies(args, console: Console) -> int:
     import optuna
 
-    from .study import FINISHED, open_storage
+    from .study import best_trial, distinct_trials, open_storage
 
     storage = open_storage(args.storage)
     summaries = optuna.get_all_study_summaries(storage)
@@ -255,8 +265,8 @@ def cmd_studies(args, console: Console) -> int:
         table.add_column(col)
     for s in summaries:
         study = optuna.load_study(study_name=s.study_name, storage=storage)
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        best = "-" if s.best_trial is None else f"{s.best_trial.value:.4f}"
+        finished = len(distinct_trials(study))
+        best = "-" if s.best_trial is None else f"{best_trial(study).value:.4f}"
         table.add_row(s.study_name, str(s.user_attrs.get("dataset", "?")),
                       str(s.user_attrs.get("objective", "?")), str(finished), best)
     console.print(table)
