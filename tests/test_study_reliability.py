@@ -205,6 +205,23 @@ def test_journal_sigterm_ends_the_trial_and_a_dead_workers_trial_is_released(tmp
     assert retried[0].state in FINISHED
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_released(tmp_path, kind):
+    url = f"sqlite:///{tmp_path}/t.db" if kind == "sqlite" else f"journal:{tmp_path}/t.journal"
+    study = optuna.create_study(storage=open_storage(url, heartbeat=1), study_name="s")
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        dead = study.ask()  # RUNNING, and no heartbeat was ever recorded
+    alive = optuna.create_study(storage=open_storage(url, heartbeat=1), study_name="s", load_if_exists=True)
+    optuna.storages.fail_stale_trials(alive)
+    assert alive.trials[dead.number].state == optuna.trial.TrialState.RUNNING  # within its grace period
+    time.sleep(3.5)
+    optuna.storages.fail_stale_trials(alive)
+    trials = alive.get_trials()
+    assert trials[dead.number].state == optuna.trial.TrialState.FAIL
+    assert [t.system_attrs.get("failed_trial") for t in trials[1:]] == [dead.number]  # retried
+
+
 # --- 15.10: undefined objective values -------------------------------------------------------------------
 def test_undefined_per_image_values_are_skipped_and_a_failing_study_stops(tmp_path, tiny_blip, tiny_clip):
     spec = load_spec(write_spec(tmp_path, tiny_blip, tiny_clip, objective="miou_supervised",

@@ -70,7 +70,7 @@ def open_storage(url: str, heartbeat: int = 30) -> optuna.storages.BaseStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                return HeartbeatRDBStorage(
                     url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                     heartbeat_stale_trial_callback=retry,
                 )
@@ -92,6 +92,34 @@ _RACE_MESSAGES = ("already exists", "unique constraint", "duplicate key", "datab
 def _creation_race(err: BaseException) -> bool:
     text = str(err).lower()
     return any(m in text for m in _RACE_MESSAGES)
+
+
+class HeartbeatRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's database storage, whose stale trials also include a RUNNING trial that never sent a
+    heartbeat (its worker was killed between starting the trial and its first beat) once it started
+    longer ago than the grace period; Optuna's own check skips such a trial, and a rerun would wait
+    on it forever."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        from datetime import datetime
+
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy import orm
+
+        stale = list(super()._get_stale_trial_ids(study_id))
+        grace = self.grace_period if self.grace_period is not None else 2 * (self.heartbeat_interval or 0)
+        now = datetime.now()  # Optuna writes datetime_start in the worker's local time
+        with _create_scoped_session(self.scoped_session, True) as session:
+            running = (session.query(models.TrialModel)
+                       .options(orm.selectinload(models.TrialModel.heartbeats))
+                       .filter(models.TrialModel.state == TrialState.RUNNING)
+                       .filter(models.TrialModel.study_id == study_id).all())
+            for trial in running:
+                start = trial.datetime_start
+                if not trial.heartbeats and start is not None and (now - start).total_seconds() > grace:
+                    stale.append(trial.trial_id)
+        return stale
 
 
 class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
@@ -294,15 +322,33 @@ def study_definition(spec: StudySpec) -> dict[str, Any]:
 
 
 def definition_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first setting in which two definitions differ, as `key (was A, now B)`; None if equal."""
+    """The first setting in which two definitions differ, as `key (was A, now B)`; None if equal.
+
+    A setting that only one side has inside `fixed` or a search-space entry (a field a newer
+    version added with its default) is no difference; in the options it is one.
+    """
     for key in sorted(set(recorded) | set(current)):
         old, new = recorded.get(key), current.get(key)
-        if old == new:
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            sub = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))[0]
-            return f"{key}.{sub} (was {_short(old.get(sub))}, now {_short(new.get(sub))})"
-        return f"{key} (was {_short(old)}, now {_short(new)})"
+        if key == "fixed" and isinstance(old, dict) and isinstance(new, dict):
+            found = _first_difference(old, new, key)
+        elif (key == "search_space" and isinstance(old, list) and isinstance(new, list)
+              and len(old) == len(new) and all(isinstance(p, dict) for p in old + new)):
+            found = next((d for i, (a, b) in enumerate(zip(old, new))
+                          if (d := _first_difference(a, b, f"{key}.{a.get('name', i)}"))), None)
+        elif isinstance(old, dict) and isinstance(new, dict):
+            found = _first_difference({k: old.get(k) for k in set(old) | set(new)},
+                                      {k: new.get(k) for k in set(old) | set(new)}, key)
+        else:
+            found = None if old == new else f"{key} (was {_short(old)}, now {_short(new)})"
+        if found:
+            return found
+    return None
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any], path: str) -> str | None:
+    for key in sorted(set(old) & set(new)):
+        if old[key] != new[key]:
+            return f"{path}.{key} (was {_short(old[key])}, now {_short(new[key])})"
     return None
 
 
