@@ -658,6 +658,7 @@ class StudyRunner:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+        self._raise_pending()  # a signal held during the last trial's storage writes still stops the run
 
     @contextmanager
     def _interruptible(self) -> Iterator[None]:
