@@ -14,6 +14,7 @@ from typing import NamedTuple
 from ._base import (
     LABEL_USE,
     OBJECTIVES,
+    VIEWS,
     Objective,
     ScoreInput,
     get_objective,
@@ -31,6 +32,11 @@ from .metrics import (
 register_objective("clip_reward", "objectives.clip_reward:ClipReward")
 register_objective("clip_margin", "objectives.clip_margin:ClipMargin")
 register_objective("clip_contrastive", "objectives.clip_contrastive:ClipContrastive")
+register_objective("itm_match", "objectives.itm_match:ItmMatch")
+register_objective("region_agreement", "objectives.region_agreement:RegionAgreement")
+register_objective("patch_coherence", "objectives.patch_coherence:PatchCoherence")
+register_objective("flip_consistency", "objectives.flip_consistency:FlipConsistency")
+register_objective("combination", "objectives.combination:Combination")
 register_objective("miou_supervised", "objectives.miou_supervised:MiouSupervised")
 
 
@@ -58,6 +64,7 @@ def describe_objectives() -> list[ObjectiveRow]:
 __all__ = [
     "LABEL_USE",
     "OBJECTIVES",
+    "VIEWS",
     "Objective",
     "ObjectiveRow",
     "ScoreInput",

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 LABEL_USE = ("none", "image-level", "pixel")
+#: image transforms the tuner can segment and map back for objectives that ask (`Objective.views`):
+#: "hflip" mirrors the image left to right
+VIEWS = ("hflip",)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class ScoreInput:
     #: a content hash of `image` when the caller has one (the tuner does); objectives that memoise
     #: per image use it instead of hashing the pixels again
     image_digest: str | None = None
+    #: label maps of transformed copies of the image mapped back onto it, by view name (VIEWS),
+    #: for objectives that declare `views`; each [H, W] in the convention of `label_map`
+    views: Mapping[str, np.ndarray] | None = None
 
     @classmethod
     def from_result(
@@ -62,10 +69,13 @@ class Objective(abc.ABC):
 
     name: str = ""
     direction: str = "maximize"
-    #: models the objective loads besides the segmenter's own (e.g. ("clip",))
+    #: models the objective uses: "clip" (loads its own), "segmenter" (the segmenter's backend,
+    #: passed by the tuner as the `backend` option)
     models: tuple[str, ...] = ()
     #: which labels it reads: "none", "image-level" or "pixel"
     labels: str = "none"
+    #: views (VIEWS) whose label maps the tuner must add to each ScoreInput
+    views: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def score(self, items: Sequence[ScoreInput]) -> np.ndarray:
@@ -94,6 +104,27 @@ def objective_class(name: str) -> type[Objective]:
     return getattr(importlib.import_module(module), cls)
 
 
-def get_objective(name: str, **options: Any) -> Objective:
-    """Construct the objective registered as `name` (options: model paths, device, ...)."""
-    return objective_class(name)(**options)
+def get_objective(name: str, *, backend: Any = None, **options: Any) -> Objective:
+    """Construct the objective registered as `name` (options: model paths, device, ...).
+
+    `backend` (the segmenter's) reaches only objectives whose `models` name "segmenter"; an
+    option the objective does not take is a one-line error naming it.
+    """
+    cls = objective_class(name)
+    if backend is not None and "segmenter" in cls.models:
+        options["backend"] = backend
+    try:
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        signature = None
+    if signature is not None and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    ):
+        accepted = [n for n in signature.parameters if n != "self"]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"objective {name!r} has no option {unknown[0]!r}: its options are "
+                f"{', '.join(n for n in accepted if n not in ('device', 'backend', 'clip')) or 'none'}"
+            )
+    return cls(**options)

@@ -22,6 +22,10 @@ MASK_BLUR = 0.04
 #: the blurred mask is binarised again at this level [ours: the paper does not state it; 0.5
 #: keeps the mask's extent and only rounds its corners and fills one-patch gaps]
 MASK_REBINARIZE = 0.5
+#: where M_k comes from: "final" = the pixels the final label map gives class k (after background,
+#: blur and CRF: what the user gets, so every searched setting can move the objective);
+#: "threshold" = the paper's masks cut from the thresholded relevance maps (see reward_masks)
+MASK_SOURCES = ("final", "threshold")
 #: masked-crop embeddings an objective keeps (about 3 KB each for CLIP-L): M_k * I depends only on
 #: the image and the mask, so a study that meets a mask again (the same layer and head, another
 #: threshold that keeps the same patches, a post-processing change) embeds it once
@@ -51,6 +55,25 @@ def reward_masks(
     return gaussian_blur(masks, blur * size)[:, 0] > rebinarize
 
 
+def final_masks(label_map: np.ndarray, classes: int, size: int,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """Masks M_k of the final label map on CLIP's input. # [C, S, S] bool
+
+    `label_map` [H, W] holds 0 for background and k for the k-th class (ScoreInput convention);
+    each class's pixels are squashed to S x S the way the image is (antialiased bilinear, so a
+    pixel of the input keeps its share) and kept where they cover at least half of a pixel.
+    """
+    labels = torch.from_numpy(np.ascontiguousarray(label_map)).to(device)
+    if classes == 0:
+        return torch.zeros(0, size, size, dtype=torch.bool, device=device)
+    ids = torch.arange(1, classes + 1, device=device).view(-1, 1, 1)
+    masks = (labels[None] == ids).float()[:, None]  # [C, 1, H, W]
+    if tuple(masks.shape[-2:]) != (size, size):
+        masks = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True)
+    return masks[:, 0] >= 0.5
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Separable Gaussian blur of [N, 1, H, W] with replicated edges (scipy mode="nearest")."""
     if sigma <= 0:
@@ -68,7 +91,10 @@ class ClipObjective(Objective):
 
     Options: `clip_model` (hub id or local directory), `revision`, `device`, `batch_size`
     (CLIP images per forward), `logit_scale` ("paper" = 100, i.e. cosine / 0.01; "model" =
-    CLIP's learned scale; or a number), `mask_blur`, `mask_rebinarize`; `clip` shares an
+    CLIP's learned scale; or a number), `mask_source` ("final", the default: M_k from the final
+    label map, so blur, CRF and background settings change the score; "threshold": the paper's
+    masks from the thresholded maps, which those settings cannot move), `mask_blur` and
+    `mask_rebinarize` (the paper's mask rule, used with "threshold" only); `clip` shares an
     already loaded `ClipScorer` (then the model options are not used).
     """
 
@@ -85,10 +111,14 @@ class ClipObjective(Objective):
         logit_scale: float | str = "paper",
         mask_blur: float = MASK_BLUR,
         mask_rebinarize: float = MASK_REBINARIZE,
+        mask_source: str = "final",
         clip: ClipScorer | None = None,
     ) -> None:
         if mask_blur < 0 or not 0 <= mask_rebinarize < 1:
             raise ValueError("mask_blur must be >= 0 and mask_rebinarize in [0, 1)")
+        if mask_source not in MASK_SOURCES:
+            raise ValueError(f"mask_source {mask_source!r} is unknown: use {' or '.join(MASK_SOURCES)}")
+        self.mask_source = mask_source
         self.clip = clip or ClipScorer(clip_model, revision=revision, device=device, batch_size=batch_size)
         self.logit_scale = self.clip.logit_scale(logit_scale)
         self.mask_blur, self.mask_rebinarize = float(mask_blur), float(mask_rebinarize)
@@ -103,6 +133,13 @@ class ClipObjective(Objective):
         """The names the CLIP softmax runs over: the image's candidate classes."""
         return tuple(item.class_names)
 
+    def masks(self, item: ScoreInput, size: int) -> torch.Tensor:
+        """M_k of each candidate class of `item` on CLIP's S x S input. # [C, S, S] bool"""
+        if self.mask_source == "final":
+            return final_masks(item.label_map, len(item.class_names), size, self.clip.device)
+        return reward_masks(item.maps, item.threshold, size, self.mask_blur, self.mask_rebinarize,
+                            self.clip.device)
+
     @torch.inference_mode()
     def class_log_probs(self, items: Sequence[ScoreInput]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per item (log P(k | M_k * I), log P(k | black)) for its classes k. # ([C], [C])
@@ -112,8 +149,7 @@ class ClipObjective(Objective):
         CROP_MEMO_SIZE); an empty mask is the black image itself.
         """
         clip, size = self.clip, self.clip.input_size
-        masks = [reward_masks(it.maps, it.threshold, size, self.mask_blur, self.mask_rebinarize,
-                              clip.device) for it in items]  # each [C, S, S] bool
+        masks = [self.masks(it, size) for it in items]  # each [C, S, S] bool
         black = clip.black_embedding  # [D]
         embeds = [black.expand(m.shape[0], -1).clone() for m in masks]  # each [C, D]
         pending: dict[bytes, list[tuple[int, int]]] = {}  # memo key -> (item, class) of new crops
@@ -181,5 +217,5 @@ def mean_or_zero(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else 0.0
 
 
-__all__ = ["ClipObjective", "reward_masks", "gaussian_blur", "vocabulary_names", "mean_or_zero",
-           "MASK_BLUR", "MASK_REBINARIZE"]
+__all__ = ["ClipObjective", "reward_masks", "final_masks", "gaussian_blur", "vocabulary_names",
+           "mean_or_zero", "MASK_BLUR", "MASK_REBINARIZE", "MASK_SOURCES"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import resolve_model_path
-from .backends.blip import load_error, resolve_device, resolve_dtype
+from .backends.blip import load_error, load_pretrained, resolve_device, resolve_dtype
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 #: the paper's temperature: cosine similarity / 0.01, i.e. logits = 100 x cosine similarity
@@ -41,10 +41,9 @@ class ClipScorer:
         self.dtype = resolve_dtype(dtype, self.device)  # auto: bfloat16/float16 on CUDA
         self.batch_size = max(1, int(batch_size))
         path = resolve_model_path(self.model_id)
-        try:
-            net = CLIPModel.from_pretrained(path, revision=revision)
-        except (OSError, ValueError) as err:
-            raise load_error("CLIP model", self.model_id, err) from None
+        net = load_pretrained(CLIPModel, self.model_id, revision, kind="CLIP model", model_type="clip",
+                              used=("text_model.", "vision_model.", "text_projection.",
+                                    "visual_projection.", "logit_scale"))
         try:
             processor = AutoProcessor.from_pretrained(path, revision=revision)
         except (OSError, ValueError) as err:

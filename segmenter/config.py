@@ -2,23 +2,41 @@
 
 Defaults are the official values (ALGORITHM.md). The YAML form is what `tune export` writes and
 what `tune segment` / `tune eval` read; `from_yaml(to_yaml(c)) == c` holds exactly.
+
+Settings whose cost grows with their value have upper bounds (`BOUNDS`), so no config can ask
+for hours of work per image.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .yaml_input import load_yaml, read_yaml_file
+
 DROPOUT_SCHEDULES = ("topk", "halving")
 BLUR_BACKENDS = ("scipy", "torch")
 CRF_BACKENDS = ("dense", "conv")
 BACKGROUND_RULES = ("always", "never", "auto")
 CANDIDATE_RULES = ("all", "clip_topk", "itm_threshold", "oracle")
+
+#: upper bounds of the settings whose cost grows with them (the official value in brackets):
+#: image_size (336) sets the ViT's work, which grows as its square or faster; dropout_rounds (4)
+#: model passes per image; blur_sigma (0.05, a fraction of the image side) the blur's kernel,
+#: which at 0.25 already spans the image; crf_iterations (10) mean-field steps, which converge
+#: in about 10; crf_*_sxy (3, 50) pixel ranges, which the windowed CRF pads the image by.
+BOUNDS = {
+    "image_size": 1024, "dropout_rounds": 20, "blur_sigma": 0.25, "crf_iterations": 50,
+    "crf_gaussian_sxy": 1000.0, "crf_bilateral_sxy": 1000.0, "crf_bilateral_srgb": 1000.0,
+}
+#: the smallest post-processing cap (postprocess_max_side) that makes sense
+MIN_POSTPROCESS_SIDE = 32
 
 # Keys a config file may carry beside the settings; they describe where the file came from.
 PROVENANCE_KEY = "provenance"
@@ -69,6 +87,10 @@ class SegmenterConfig:
     candidates_topk: int = 5
     candidates_threshold: float = 0.5
     candidates_model: str = "openai/clip-vit-large-patch14-336"
+    # Post-processing resolution (not in the paper): steps 5-10 run on the image scaled down so
+    # that its longer side is at most this many pixels, and the label map is scaled back up by
+    # nearest neighbour; null = full resolution (faithful, and slow on photos)
+    postprocess_max_side: int | None = None
 
     def __post_init__(self) -> None:
         # Accept what a YAML file or a sampler hands us: a list or a single int for heads,
@@ -78,7 +100,7 @@ class SegmenterConfig:
             object.__setattr__(self, "heads", tuple(_as_int(h) for h in heads))
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "int":
+            if f.type in ("int", "int | None"):
                 object.__setattr__(self, f.name, _as_int(value))
             elif f.type == "float" and isinstance(value, (int, float)) and not isinstance(
                 value, bool
@@ -89,7 +111,8 @@ class SegmenterConfig:
     def _validate(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise ValueError(f"SegmenterConfig.{name}={getattr(self, name)!r}: {what}")
+                shown = reprlib.repr(getattr(self, name))  # bounded: a value may be huge
+                raise ValueError(f"SegmenterConfig.{name}={shown}: {what}")
 
         for f in fields(self):
             value = getattr(self, f.name)
@@ -106,32 +129,43 @@ class SegmenterConfig:
              "must name a Hugging Face model id or a local directory")
         need(self.revision is None or isinstance(self.revision, str), "revision",
              "must be a string or null")
-        need(self.image_size >= 16, "image_size", "must be at least 16 pixels")
+        need(16 <= self.image_size <= BOUNDS["image_size"], "image_size",
+             f"must be 16..{BOUNDS['image_size']} pixels")
         need(self.layer >= 1, "layer", "is 1-based: use 1 for the first text layer")
         need(len(self.heads) >= 1, "heads", "needs at least one head index")
-        need(all(isinstance(h, int) and h >= 0 for h in self.heads), "heads",
+        need(all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in self.heads), "heads",
              "head indices are 0-based non-negative integers")
         need(len(set(self.heads)) == len(self.heads), "heads", "lists a head twice")
         need(self.dropout_schedule in DROPOUT_SCHEDULES, "dropout_schedule",
              f"must be one of {', '.join(DROPOUT_SCHEDULES)}")
-        need(self.dropout_rounds >= 1, "dropout_rounds",
-             "must be at least 1 (1 = no Salience Dropout)")
+        need(1 <= self.dropout_rounds <= BOUNDS["dropout_rounds"], "dropout_rounds",
+             f"must be 1..{BOUNDS['dropout_rounds']} (1 = no Salience Dropout)")
         need(self.dropout_k >= 1, "dropout_k", "must be at least 1 patch per round")
         need(0.0 <= self.threshold <= 1.0, "threshold", "must be in [0, 1]")
         need(self.background in BACKGROUND_RULES, "background",
              f"must be one of {', '.join(BACKGROUND_RULES)}")
         need(self.background_min_classes >= 1, "background_min_classes", "must be at least 1")
-        need(self.blur_sigma >= 0.0, "blur_sigma", "must be >= 0 (0 disables the blur)")
-        need(self.crf_iterations >= 1, "crf_iterations", "must be at least 1")
+        need(0.0 <= self.blur_sigma <= BOUNDS["blur_sigma"], "blur_sigma",
+             f"must be in [0, {BOUNDS['blur_sigma']}] (a fraction of the image side; 0 disables the blur)")
+        need(1 <= self.crf_iterations <= BOUNDS["crf_iterations"], "crf_iterations",
+             f"must be 1..{BOUNDS['crf_iterations']}")
         need(self.blur_backend in BLUR_BACKENDS, "blur_backend", f"must be one of {', '.join(BLUR_BACKENDS)}")
         need(self.crf_backend in CRF_BACKENDS, "crf_backend", f"must be one of {', '.join(CRF_BACKENDS)}")
         for name in ("crf_gaussian_sxy", "crf_bilateral_sxy", "crf_bilateral_srgb"):
-            need(getattr(self, name) > 0, name, "must be positive")
+            need(0 < getattr(self, name) <= BOUNDS[name], name, f"must be in (0, {BOUNDS[name]:g}]")
         for name in ("crf_gaussian_compat", "crf_bilateral_compat"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.candidates in CANDIDATE_RULES, "candidates",
              f"must be one of {', '.join(CANDIDATE_RULES)}")
         need(self.candidates_topk >= 1, "candidates_topk", "must be at least 1")
+        need(0.0 <= self.candidates_threshold <= 1.0, "candidates_threshold",
+             "must be in [0, 1] (an ITM match probability)")
+        need(isinstance(self.candidates_model, str) and bool(self.candidates_model), "candidates_model",
+             "must name a CLIP model id or a local directory")
+        side = self.postprocess_max_side
+        need(side is None or (isinstance(side, int) and not isinstance(side, bool)
+                              and side >= MIN_POSTPROCESS_SIDE), "postprocess_max_side",
+             f"must be null (full resolution) or an integer of at least {MIN_POSTPROCESS_SIDE} pixels")
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -173,19 +207,27 @@ class SegmenterConfig:
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> SegmenterConfig:
-        """Read a config from YAML text or from a path to a YAML file."""
-        text = _read_text_or_path(text_or_path)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            where = f" in {text_or_path}" if _looks_like_path(text_or_path) else ""
-            raise ValueError(f"invalid YAML{where}: {str(err).splitlines()[0]}") from None
-        return cls.from_dict(data if data is not None else {})
+        """Read a config from YAML text or from a path to a YAML file.
+
+        Raises FileNotFoundError for a missing file and ValueError for invalid or oversized YAML
+        (`segmenter.yaml_input`), unknown or invalid settings, and a file that holds no setting:
+        every setting would take its default, the published 1.8 GB BLIP among them, which is
+        never what an empty or truncated file meant.
+        """
+        data = _load_yaml_text_or_path(text_or_path)
+        where = str(text_or_path) if _looks_like_path(text_or_path) else "the config text"
+        settings = {k for k in data or {} if k != PROVENANCE_KEY} if isinstance(data, dict) else data
+        if not settings:
+            raise ValueError(
+                f"{where} holds no settings: write a config (`tune export` does), or at least "
+                f"`model: {cls.model}` to use the published model and every official default"
+            )
+        return cls.from_dict(data)
 
 
 def read_provenance(text_or_path: str | Path) -> dict[str, Any]:
     """The provenance block of an exported config file ({} when it has none)."""
-    data = yaml.safe_load(_read_text_or_path(text_or_path)) or {}
+    data = _load_yaml_text_or_path(text_or_path) or {}
     return dict(data.get(PROVENANCE_KEY) or {}) if isinstance(data, dict) else {}
 
 
@@ -204,13 +246,14 @@ def _looks_like_path(value: str | Path) -> bool:
     return isinstance(value, Path) or ("\n" not in value and value.endswith((".yaml", ".yml")))
 
 
-def _read_text_or_path(text_or_path: str | Path) -> str:
+def _load_yaml_text_or_path(text_or_path: str | Path) -> Any:
+    """Bounded YAML (`segmenter.yaml_input`) of a config file or of config text."""
     if _looks_like_path(text_or_path):
         path = Path(text_or_path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        return path.read_text()
-    return str(text_or_path)
+        return read_yaml_file(path)
+    return load_yaml(str(text_or_path), "config text")
 
 
 def _unknown_message(unknown: set[str]) -> str:

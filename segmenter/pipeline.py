@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from .clip import ClipScorer
 from .config import SegmenterConfig
 from .images import as_rgb_uint8
 from .refine import conv_crf, torch_gaussian_blur
+
+log = logging.getLogger("ovss_tune.segmenter")
 
 
 @dataclass(frozen=True)
@@ -148,12 +151,57 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, config: SegmenterConfig) -> 
     return np.asarray(crf.inference(config.crf_iterations), dtype=np.float32).reshape(n, h, w)
 
 
+#: photos above this many pixels, post-processed at full resolution, get a note (once a process)
+LARGE_IMAGE_PIXELS = 4_000_000
+_noted: set[str] = set()
+
+
+def _note_once(kind: str, message: str) -> None:
+    if kind not in _noted:
+        _noted.add(kind)
+        log.warning(message)
+
+
+def postprocess_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """The (h, w) steps 5-10 run at: the image's own size, or scaled down (aspect kept) so that
+    the longer side is `max_side` pixels when it is longer than that."""
+    if max_side is None or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def postprocess(image: np.ndarray, maps: np.ndarray, config: SegmenterConfig, device=None) -> np.ndarray:
     """Steps 5-10 for one image: relevance maps [C, gh, gw] -> label map [H, W].
 
-    `device` serves the torch blur and the conv CRF (a GPU when there is one).
+    `device` serves the torch blur and the conv CRF (a GPU when there is one). With
+    `config.postprocess_max_side` set and a longer image side, steps 5-10 run on the image scaled
+    down to that side (the CRF's pixel ranges scaled with it, so they keep their meaning in the
+    original image) and the label map is scaled back to [H, W] by nearest neighbour.
     """
-    height, width = image.shape[:2]
+    full = image.shape[:2]
+    size = postprocess_size(*full, config.postprocess_max_side)
+    if size != full:
+        _note_once("cap", f"post-processing images larger than {config.postprocess_max_side} px at "
+                   f"{config.postprocess_max_side} px on their longer side (first: {full[1]}x{full[0]} "
+                   f"-> {size[1]}x{size[0]}); label maps are scaled back by nearest neighbour "
+                   "(postprocess_max_side: null for full resolution)")
+        from PIL import Image
+
+        small = np.array(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+        scale = max(size) / max(full)
+        scaled = config.replace(crf_gaussian_sxy=config.crf_gaussian_sxy * scale,
+                                crf_bilateral_sxy=config.crf_bilateral_sxy * scale,
+                                postprocess_max_side=None)
+        labels = postprocess(small, maps, scaled, device)  # [h, w]
+        rows = np.minimum((np.arange(full[0]) + 0.5) * size[0] / full[0], size[0] - 1).astype(np.intp)
+        cols = np.minimum((np.arange(full[1]) + 0.5) * size[1] / full[1], size[1] - 1).astype(np.intp)
+        return labels[np.ix_(rows, cols)]
+    if full[0] * full[1] > LARGE_IMAGE_PIXELS and (config.crf or config.blur_sigma > 0):
+        _note_once("large", f"post-processing a {full[1]}x{full[0]} image at full resolution (blur and "
+                   "CRF take about a minute per 12 MP image on a CPU); set postprocess_max_side "
+                   "(e.g. 1024) in the config to cap it")
+    height, width = full
     channels = upsample(threshold_maps(maps, config.threshold), (height, width))  # [C, H, W]
     channels, has_background = add_background(
         channels, config.background, config.background_min_classes

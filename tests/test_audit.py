@@ -15,7 +15,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 import tuner.cli as cli
 from objectives import confusion_matrix, miou
 from tuner import _audit_stats as S
-from tuner.study import best_trial
+from tuner.selection import choose
 
 STUDY = "shapes-clip_margin"
 
@@ -73,8 +73,9 @@ def test_audit_of_a_labelled_study(labelled_study, tmp_path, tune, capsys):
     regret = report["regret"]
     assert regret["regret"] >= 0
     assert regret["labelled_optimum"]["miou"] == max(stored.values())
-    assert regret["label_free_choice"]["trial"] == best_trial(study).number  # never a repeat
-    assert regret["label_free_choice"]["miou"] == stored[best_trial(study).number]
+    choice = choose(study).trial.number  # the best value, ties broken by tuner.selection
+    assert regret["label_free_choice"]["trial"] == choice
+    assert regret["label_free_choice"]["miou"] == stored[choice]
     assert regret["regret_ci95"][0] >= 0
     default = regret["vs_default"]
     assert default["source"] == "evaluated" and 0 <= default["miou"] <= 1  # no trial ran the fixed settings
@@ -225,3 +226,17 @@ def test_miou_from_counts_matches_the_confusion_matrix_protocol(rng):
         cms = [confusion_matrix(p, g, 6) for p, g in zip(pred, gt)]
         counts = np.stack([S.counts_from_confusion(cm) for cm in cms])
         assert S.miou_from_counts(counts.sum(0)) == pytest.approx(miou(sum(cms)).miou)
+
+
+def test_unwritable_output_fails_before_the_audit_runs(tmp_path, tune, capsys, monkeypatch):
+    _hand_made_study(f"sqlite:///{tmp_path}/tune.db", "blocked", n=5)
+    (tmp_path / "taken").write_text("a file where the output directory should go")
+
+    def must_not_run(options):
+        raise AssertionError("the audit ran before its output path was checked")
+
+    monkeypatch.setattr("tuner._audit.run_audit", must_not_run)
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        assert tune(audit_args(tmp_path, out, study="blocked")) == 2
+        err = capsys.readouterr().err
+        assert "cannot write to audit output directory" in err and len(err.strip().splitlines()) == 1

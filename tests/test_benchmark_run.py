@@ -18,7 +18,7 @@ def test_tune_run_dataset_coco_on_a_coco_layout_fixture(tmp_path, tiny_clip, cap
                  tiny_clip, "--trials", "2", "--images", "3", "--storage", storage, "--device", "cpu",
                  "--no-progress", "--cache-dir", str(tmp_path / "cache")])
     assert code == 0, capsys.readouterr().err
-    study = optuna.load_study(study_name="coco-clip_reward", storage=storage)
+    study = optuna.load_study(study_name="coco-clip_margin", storage=storage)
     attrs = study.user_attrs
     assert attrs["dataset"] == "coco" and attrs["tuning_split"] == "train" and attrs["eval_split"] == "val"
     assert attrs["candidate_rule"] == "clip_topk"

@@ -103,7 +103,7 @@ def test_class_file_format_comments_synonyms_and_duplicates(tmp_path):
 
 
 # --- COCO ----------------------------------------------------------------------------------------------
-def test_coco_object_keeps_things_and_makes_stuff_background(coco_root):
+def test_coco_object_keeps_things_and_makes_stuff_and_unlabelled_background(coco_root):
     coco = load_dataset("coco", root=coco_root)  # a data root: coco_stuff164k/ is found below it
     assert coco.root == coco_root / "coco_stuff164k"
     assert coco.splits == ("train", "val") and len(coco.ids("val")) == 6
@@ -113,7 +113,7 @@ def test_coco_object_keeps_things_and_makes_stuff_background(coco_root):
     for sample_id in coco.ids("val"):
         sample = coco.load("val", sample_id)
         values = set(np.unique(sample.labels).tolist())
-        assert values <= {0, 255} | shape_classes and 0 in values and 255 in values  # stuff -> 0
+        assert values <= {0} | shape_classes and 0 in values  # stuff and unlabelled (255) -> 0
         assert sample.image.shape == (64, 64, 3) and sample.image.dtype == np.uint8
         assert set(sample.image_classes) == {coco.class_names[v] for v in values - {0, 255}}
 
@@ -128,7 +128,7 @@ def test_coco_stuff_has_171_classes_and_no_background(coco_root):
         things = labels < 80
         assert np.array_equal(objects[things], labels[things] + 1)  # train id i -> object class i + 1
         assert (objects[(labels >= 80) & (labels != 255)] == 0).all()
-        assert (objects[labels == 255] == 255).all()
+        assert (labels == 255).any() and (objects[labels == 255] == 0).all()  # the public conversion
         assert {stuff.class_names[v] for v in np.unique(labels) if 80 <= v < 171} <= {"sky", "grass", "wall",
                                                                                         "road"}
 
@@ -152,7 +152,7 @@ def test_coco_object_from_instance_annotations(tmp_path, coco_root):
     assert from_json.uses_instances("val")
     for sample_id in from_json.ids("val"):
         a, b = from_json.load("val", sample_id).labels, from_maps.load("val", sample_id).labels
-        assert np.array_equal(a[b != 255], b[b != 255])  # equal except the maps' unlabelled borders
+        assert np.array_equal(a, b)  # one ground truth from both sources
 
 
 # --- PASCAL VOC --------------------------------------------------------------------------------------
@@ -392,3 +392,218 @@ def test_tune_run_on_a_coco_layout_fixture(tmp_path, tiny_blip, tiny_clip, capsy
     coco = load_dataset("coco", root=tmp_path / "data")
     assert set(tuning_ids) <= set(coco.ids("val:tune")) and not set(tuning_ids) & set(coco.ids("val:eval"))
     assert all(0.0 <= t.user_attrs["miou"] <= 1.0 for t in study.trials)
+
+
+# --- COCO-Object ground truth: the public conversion, equal from every source -----------------------------
+def public_coco_object(raw: np.ndarray) -> np.ndarray:
+    """The public COCO-Object rule, written out here from its description: a raw stuff-thing value
+    (category id - 1) of a thing becomes its thing index + 1, stuff and 255 become 0."""
+    from tuner.datasets.coco import USED_CATEGORY_IDS
+
+    things = {cat - 1: i + 1 for i, cat in enumerate(USED_CATEGORY_IDS[:80])}
+    return np.vectorize(lambda v: things.get(int(v), 0), otypes=[np.uint8])(raw)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools under numpy 2
+def test_coco_object_ground_truth_is_the_public_conversion_from_every_source(tmp_path):
+    pytest.importorskip("pycocotools")
+    write_coco_layout(tmp_path / "raw", 3, seed=11, splits=("val",), raw_maps=True, instances=True)
+    write_coco_layout(tmp_path / "mmseg", 3, seed=11, splits=("val",))
+    maps = tmp_path / "raw" / "annotations" / "val2017"
+    # the public tool's own output files, next to the raw maps in a third tree
+    converted = tmp_path / "converted"
+    write_coco_layout(converted, 3, seed=11, splits=("val",), raw_maps=True)
+    for path in sorted((converted / "annotations" / "val2017").glob("*.png")):
+        Image.fromarray(public_coco_object(np.asarray(Image.open(path)))).save(
+            path.with_name(path.stem + "_instanceTrainIds.png"))
+        path.unlink()
+    sources = {
+        "raw maps": load_dataset("coco", root=tmp_path / "raw", source="stuffthingmaps"),
+        "train-id maps": load_dataset("coco", root=tmp_path / "mmseg"),
+        "instances": load_dataset("coco", root=tmp_path / "raw", source="instances"),
+        "public output": load_dataset("coco", root=converted),
+    }
+    for sample_id in sources["raw maps"].ids("val"):
+        raw = np.asarray(Image.open(maps / f"{sample_id}.png"))
+        assert (raw == 255).any()  # unlabelled pixels are there, and the rule makes them background
+        expected = public_coco_object(raw)
+        for name, dataset in sources.items():
+            assert np.array_equal(dataset.load("val", sample_id).labels, expected), name
+
+
+# --- label values that are not class ids ----------------------------------------------------------------
+def test_greyscale_resaved_voc_labels_are_refused_with_file_value_and_count(tmp_path, capsys):
+    from tuner.datasets import LabelValueError
+
+    root = write_voc_layout(tmp_path / "VOCdevkit" / "VOC2012", 2, seed=12)
+    labels_dir = root / "SegmentationClass"
+    path = sorted(labels_dir.iterdir())[0]
+    palette = Image.open(path)
+    indices = np.asarray(palette)
+    grey = np.asarray(palette.convert("RGB").convert("L"))  # what an image editor's re-save keeps
+    Image.fromarray(grey, mode="L").save(path)
+    voc = load_dataset("voc", root=tmp_path)
+    sample_id = path.stem
+    with pytest.raises(LabelValueError) as err:
+        voc.load("val" if sample_id in voc.ids("val") else "train", sample_id)
+    # the values reported are the grey levels of the objects, with their pixel counts
+    bad = {v: c for v, c in err.value.values}
+    objects = indices[(indices > 0) & (indices != 255)]
+    expected = {int(v): int(c) for v, c in zip(*np.unique(grey[(indices > 0) & (indices != 255)],
+                                                          return_counts=True)) if v > 20 and v != 255}
+    assert objects.size and bad and set(bad) <= set(expected) | set(np.unique(grey).tolist())
+    assert all(bad[v] == int((grey == v).sum()) for v in bad)  # the count is the file's pixel count
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "0..20 (classes), 255 (ignored)" in message
+    assert str(pickle.loads(pickle.dumps(err.value))) == message
+    # `tune data check` reports it (file, value, count) instead of `ok`
+    code, out = data_check(capsys, "--dataset", "voc", "--data-root", str(tmp_path), "--read", "10")
+    value, count = err.value.values[0]
+    assert code == 1 and path.name in out and f"{value} ({count} px)" in out
+    assert not out.rstrip().endswith("ok")
+    split = "val" if sample_id in voc.ids("val") else "train"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # never skipped like a corrupt image: it always raises
+        with pytest.raises(LabelValueError):
+            list(iter_samples(voc, split, voc.ids(split)))
+
+
+@pytest.mark.parametrize("name, valid, invalid", [
+    ("voc", [0, 20, 255], [21, 254]), ("voc20", [0, 20, 255], [21]), ("context", [0, 59, 255], [60]),
+    ("context60", [0, 59, 255], [60]), ("ade20k", [0, 150], [151, 255 - 1]),
+    ("cityscapes", [0, 18, 255], [19, 33]), ("coco_stuff", [0, 170, 255], [171, 200]),
+    ("coco", [0, 170, 255], [171]),
+])
+def test_every_loader_refuses_values_outside_its_ids(tmp_path, name, valid, invalid):
+    from tuner.datasets import LabelValueError
+
+    dataset = _one_image_dataset(tmp_path, name, valid)
+    split, sample_id = dataset.splits[-1], dataset.ids(dataset.splits[-1])[0]
+    dataset.load(split, sample_id)  # the valid values load
+    for value in invalid:
+        _one_image_dataset(tmp_path, name, [*valid, value])
+        with pytest.raises(LabelValueError, match=rf": {value} \(\d+ px\)"):
+            dataset.load(split, sample_id)
+
+
+def test_sixteen_bit_label_values_past_255_are_reported_not_wrapped(tmp_path):
+    from tuner.datasets import LabelValueError
+
+    dataset = _one_image_dataset(tmp_path, "ade20k", [0, 1])
+    path = dataset.label_path("val", dataset.ids("val")[0])
+    Image.fromarray(np.array([[1, 257] * 8] * 12, dtype=np.uint16)).save(path)  # 257 would wrap to 1
+    with pytest.raises(LabelValueError, match=r": 257 \(96 px\)"):
+        dataset.load("val", dataset.ids("val")[0])
+
+
+def test_cityscapes_official_label_ids_past_33_are_refused(tmp_path):
+    from tuner.datasets import LabelValueError
+
+    root = tmp_path / "cityscapes"
+    save_image(root / "leftImg8bit" / "val" / "a" / "a_0_1_leftImg8bit.png")
+    save_labels(root / "gtFine" / "val" / "a" / "a_0_1_gtFine_labelIds.png", [7, 0, 33, 40])
+    with pytest.raises(LabelValueError, match=r": 40 \(48 px\).*0\.\.33"):
+        load_dataset("cityscapes", root=tmp_path).load("val", "a/a_0_1")
+
+
+def _one_image_dataset(tmp_path: Path, name: str, values):
+    """A one-image tree of benchmark `name` whose label file's rows cycle through `values`."""
+    if name in ("voc", "voc20"):
+        base = tmp_path / "VOCdevkit" / "VOC2012"
+        (base / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (base / "ImageSets" / "Segmentation" / "val.txt").write_text("2008_000001\n")
+        save_image(base / "JPEGImages" / "2008_000001.jpg")
+        save_labels(base / "SegmentationClass" / "2008_000001.png", values)
+    elif name in ("context", "context60"):
+        base = tmp_path / "VOCdevkit" / "VOC2010"
+        (base / "ImageSets" / "SegmentationContext").mkdir(parents=True, exist_ok=True)
+        (base / "ImageSets" / "SegmentationContext" / "val.txt").write_text("2008_000001\n")
+        save_image(base / "JPEGImages" / "2008_000001.jpg")
+        save_labels(base / "SegmentationClassContext" / "2008_000001.png", values)
+    elif name == "ade20k":
+        base = tmp_path / "ade" / "ADEChallengeData2016"
+        save_image(base / "images" / "validation" / "ADE_val_1.jpg")
+        save_labels(base / "annotations" / "validation" / "ADE_val_1.png", values)
+    elif name == "cityscapes":
+        base = tmp_path / "cityscapes"
+        save_image(base / "leftImg8bit" / "val" / "a" / "a_0_1_leftImg8bit.png")
+        save_labels(base / "gtFine" / "val" / "a" / "a_0_1_gtFine_labelTrainIds.png", values)
+    else:
+        base = tmp_path / "coco_stuff164k"
+        save_image(base / "images" / "val2017" / "000000000001.jpg")
+        save_labels(base / "annotations" / "val2017" / "000000000001_labelTrainIds.png", values)
+    return load_dataset(name, root=tmp_path)
+
+
+# --- images: every mode Pillow opens, EXIF orientation --------------------------------------------------
+def test_sixteen_bit_and_other_modes_read_as_distinct_8_bit_levels(tmp_path):
+    from segmenter.images import read_image
+
+    levels = np.array([[8000, 30000, 60000]] * 4, dtype=np.uint16)
+    Image.fromarray(levels).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
+    grey = read_image(tmp_path / "grey16.png")
+    assert grey.dtype == np.uint8 and grey.shape == (4, 3, 3)
+    assert grey[0, :, 0].tolist() == [31, 117, 233]  # level * 255 / 65535, distinct, not all 255
+    # the folder and the benchmark readers use the same decoder
+    (tmp_path / "classes.txt").write_text("cat\n")
+    folder = load_dataset("folder", root=tmp_path)
+    assert np.array_equal(folder.load("all", "grey16.png").image, grey)
+    from tuner.datasets._disk import read_rgb
+
+    assert np.array_equal(read_rgb(tmp_path / "grey16.png"), grey)
+    # big-endian 16-bit, 32-bit integer and float images
+    Image.frombytes("I;16B", (3, 1), levels[:1].astype(">u2").tobytes()).save(tmp_path / "be.tif")
+    assert read_image(tmp_path / "be.tif")[0, :, 0].tolist() == [31, 117, 233]
+    Image.fromarray(levels.astype(np.int32), mode="I").save(tmp_path / "i32.tif")
+    assert read_image(tmp_path / "i32.tif")[0, :, 0].tolist() == [31, 117, 233]
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F").save(tmp_path / "f.tif")
+    assert read_image(tmp_path / "f.tif")[0, :, 0].tolist() == [0, 128, 255]
+    # alpha, palette transparency, CMYK, bilevel: colours kept, alpha dropped
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    assert read_image(tmp_path / "rgba.png")[0, 0].tolist() == [200, 0, 0]
+    la = Image.fromarray(np.stack([np.full((2, 2), 90, np.uint8), np.full((2, 2), 10, np.uint8)], -1), "LA")
+    la.save(tmp_path / "la.png")
+    assert read_image(tmp_path / "la.png")[0, 0].tolist() == [90, 90, 90]
+    p = Image.new("P", (2, 2), 1)
+    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    p.info["transparency"] = 1
+    p.save(tmp_path / "p.png", transparency=1)
+    assert read_image(tmp_path / "p.png")[0, 0].tolist() == [10, 200, 30]
+    Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    assert read_image(tmp_path / "cmyk.jpg")[0, 0, 0] > 200 > read_image(tmp_path / "cmyk.jpg")[0, 0, 1]
+    Image.new("1", (2, 2), 1).save(tmp_path / "bw.png")
+    assert read_image(tmp_path / "bw.png")[0, 0].tolist() == [255, 255, 255]
+    from segmenter.images import as_rgb_uint8
+
+    assert as_rgb_uint8(levels)[0, :, 0].tolist() == [31, 117, 233]  # uint16 arrays as 16-bit too
+
+
+def exif_rotated_jpeg(path: Path) -> np.ndarray:
+    """A JPEG stored 64 wide x 128 high with Orientation 6 (viewed 128 wide x 64 high)."""
+    stored = np.zeros((128, 64, 3), dtype=np.uint8)
+    stored[:32] = 255  # a white band at the stored top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    return stored
+
+
+def test_user_images_are_read_as_viewed_benchmark_images_as_stored(tmp_path):
+    from segmenter.images import read_image
+
+    exif_rotated_jpeg(tmp_path / "phone.jpg")
+    viewed = read_image(tmp_path / "phone.jpg")
+    assert viewed.shape == (64, 128, 3)
+    assert viewed[:, -16:].mean() > 200 and viewed[:, :16].mean() < 50  # rotated 90 degrees clockwise
+    (tmp_path / "classes.txt").write_text("cat\n")
+    assert load_dataset("folder", root=tmp_path).load("all", "phone.jpg").image.shape == (64, 128, 3)
+    # a benchmark image keeps its stored order, the one its label map has
+    base = tmp_path / "ade" / "ADEChallengeData2016"
+    (base / "images" / "validation").mkdir(parents=True)
+    exif_rotated_jpeg(base / "images" / "validation" / "ADE_val_1.jpg")
+    save_labels(base / "annotations" / "validation" / "ADE_val_1.png", [0, 1], height=128, width=64)
+    sample = load_dataset("ade20k", root=tmp_path).load("val", "ADE_val_1")
+    assert sample.image.shape == (128, 64, 3) and sample.labels.shape == (128, 64)

@@ -30,6 +30,8 @@ class Server(http.server.ThreadingHTTPServer):
         self.ranges: list[str | None] = []
         self.ignore_range = False
         self.cut_first_response_at: int | None = None  # drop the connection mid-file, once
+        self.content_type: str | None = None  # a Content-Type header to send
+        self.redirects: dict[str, str] = {}  # name -> Location of a 302 answer
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/{name}"
@@ -42,6 +44,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        if self.path.lstrip("/") in self.server.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.server.redirects[self.path.lstrip("/")])
+            self.end_headers()
+            return
         data = self.server.files.get(self.path.lstrip("/"))
         if data is None:
             self.send_error(404, "Not Found")
@@ -62,6 +69,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
+        if self.server.content_type:
+            self.send_header("Content-Type", self.server.content_type)
         self.end_headers()
         cut = self.server.cut_first_response_at
         if cut is not None:
@@ -180,8 +189,9 @@ def test_checksum_mismatch_is_one_line_and_nothing_is_extracted(tmp_path, server
     message = str(err.value)
     assert "\n" not in message and "checksum mismatch for val2017.zip" in message and "0" * 32 in message
     directory = tmp_path / "data" / "coco_stuff164k"
-    assert not (directory / "images").exists()
-    assert not list((directory / "downloads").iterdir())  # the bad file is gone, not half-used
+    assert "moved to" in message and not (directory / "images").exists()
+    # the bad file is moved aside, never extracted or reused
+    assert [p.name for p in (directory / "downloads").iterdir()] == ["val2017.zip.bad"]
     args = download_args("coco", "--data-root", str(tmp_path / "data"), "--no-progress",
                          "--manifest", str(write_manifest(tmp_path, coco_archives)))
     with pytest.raises(ValueError, match="checksum mismatch"):  # `tune` prints it as `error: ...`
@@ -189,15 +199,86 @@ def test_checksum_mismatch_is_one_line_and_nothing_is_extracted(tmp_path, server
     assert not (directory / "images").exists()
 
 
-def test_archive_without_a_checksum_reports_its_sha256(tmp_path, server, coco_archives, capsys):
+def test_archive_without_a_checksum_is_refused_unless_allowed_and_reported_before_extraction(
+        tmp_path, server, coco_archives, capsys):
     del coco_archives["coco"]["archives"][1]["sha256"]
     manifest = write_manifest(tmp_path, coco_archives)
-    assert cmd_data(download_args("coco", "--data-root", str(tmp_path / "data"), "--manifest", str(manifest),
-                                  "--no-progress", "--delete-archives")) == 0
+    argv = ["coco", "--data-root", str(tmp_path / "data"), "--manifest", str(manifest), "--no-progress"]
+    with pytest.raises(ValueError, match="no checksum is known for stuffthingmaps_trainval2017.zip.*"
+                                         "--allow-unverified"):
+        cmd_data(download_args(*argv))
+    assert server.ranges == [] and not (tmp_path / "data").exists()  # refused before any download
+    assert cmd_data(download_args(*argv, "--allow-unverified", "--delete-archives")) == 0
     out = capsys.readouterr().out
     digest = hashlib.sha256(server.files["stuffthingmaps_trainval2017.zip"]).hexdigest()
-    assert f"no checksum is known for stuffthingmaps_trainval2017.zip; its sha256 is {digest}" in out
+    warning = "no checksum is known for stuffthingmaps_trainval2017.zip; extracting it unverified"
+    assert warning in out and f"its sha256 is {digest}" in out
+    assert out.index(warning) < out.index("extracted 3 files from stuffthingmaps_trainval2017.zip")
     assert not (tmp_path / "data" / "coco_stuff164k" / "downloads" / "val2017.zip").exists()
+
+
+def test_built_in_manifest_uses_https_where_offered_and_refuses_the_unverified_maps(tmp_path, monkeypatch):
+    monkeypatch.delenv(MANIFEST_ENV, raising=False)
+    archives = {a.name: a for a in load_manifest("coco").archives}
+    assert archives["stuffthingmaps_trainval2017.zip"].url.startswith("https://")
+    assert archives["val2017.zip"].md5  # plain http there (no valid certificate), verified by md5
+    with pytest.raises(ValueError, match="--allow-unverified"):
+        fetch_dataset("coco", tmp_path / "data")  # fails before any network access
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_bad_response_is_moved_aside_and_the_rerun_downloads_afresh(tmp_path, server, coco_archives):
+    good = server.files["stuffthingmaps_trainval2017.zip"]
+    del coco_archives["coco"]["archives"][1]["sha256"]
+    server.files["stuffthingmaps_trainval2017.zip"] = b"<html>quota exceeded</html>"
+    with pytest.raises(ValueError, match="not a valid zip archive.*moved to .*trainval2017.zip.bad"):
+        fetch_dataset("coco", tmp_path / "data", coco_archives, allow_unverified=True)
+    downloads = tmp_path / "data" / "coco_stuff164k" / "downloads"
+    assert not (downloads / "stuffthingmaps_trainval2017.zip").exists()
+    assert (downloads / "stuffthingmaps_trainval2017.zip.bad").is_file()
+    server.files["stuffthingmaps_trainval2017.zip"] = good
+    report = fetch_dataset("coco", tmp_path / "data", coco_archives, allow_unverified=True)
+    assert report.downloaded == ["stuffthingmaps_trainval2017.zip"] and report.skipped == ["val2017.zip"]
+    assert report.extracted == {"stuffthingmaps_trainval2017.zip": 3}
+    # a web page sent with status 200 is not saved as the archive at all
+    server.content_type = "text/html; charset=utf-8"
+    with pytest.raises(OSError, match="answered with a text/html page"):
+        fetch_dataset("coco", tmp_path / "other", coco_archives, allow_unverified=True)
+
+
+def test_extraction_is_bounded(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("val2017/zeros.png", b"\0" * (8 << 20))  # 8 MB from about 8 KB
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ValueError, match="zeros.png.*more than 100 times.*not extracted"):
+        extract(bomb, tmp_path / "out")
+    assert not (tmp_path / "out" / "val2017").exists()
+
+
+def test_manifest_paths_and_urls_are_confined(tmp_path, server, coco_archives):
+    def entry(**changes):
+        manifest = json.loads(json.dumps(coco_archives))
+        for key, value in changes.items():
+            if key == "directory":
+                manifest["coco"]["directory"] = value
+            else:
+                manifest["coco"]["archives"][0][key] = value
+        return manifest
+
+    for changes in ({"extract_to": "../../escape"}, {"extract_to": "/tmp/escape"}, {"directory": "../up"},
+                    {"directory": "/abs"}, {"directory": "."}):
+        with pytest.raises(ValueError, match="relative path below the data root|name a folder"):
+            fetch_dataset("coco", tmp_path / "data", entry(**changes))
+    secret = tmp_path / "secret.zip"
+    secret.write_bytes(server.files["val2017.zip"])
+    for url in (secret.as_uri(), "ftp://example.org/val2017.zip"):
+        with pytest.raises(ValueError, match="is not http\\(s\\)"):
+            fetch_dataset("coco", tmp_path / "data", entry(url=url))
+    server.redirects["val2017.zip"] = secret.as_uri()
+    with pytest.raises(OSError, match="failed: HTTP 302.* is not allowed$"):  # not retried, not followed
+        fetch_dataset("coco", tmp_path / "data", coco_archives)
+    assert not (tmp_path / "data" / "coco_stuff164k" / "images").exists()
 
 
 def test_http_errors_and_bad_manifests_are_one_line(tmp_path, server, coco_archives):

@@ -37,6 +37,11 @@ def column_maps(*column_ranges: tuple[int, int], grid: int = 8) -> np.ndarray:
     return maps
 
 
+def paper_objective(name: str, **options):
+    """A CLIP objective with the paper's masks (cut from the thresholded maps, not the label map)."""
+    return get_objective(name, mask_source="threshold", **options)
+
+
 def item(image, names, maps, threshold=0.5, **context) -> ScoreInput:
     label_map = np.zeros(image.shape[:2], dtype=np.int64)
     return ScoreInput(image=image, class_names=tuple(names), maps=maps, label_map=label_map,
@@ -100,19 +105,19 @@ def test_clip_reward_equals_the_formula_by_hand(tiny_clip, rng):
              rng.random((4, 4, 4)).astype(np.float32), threshold=0.3),
         item(two_colour_image(), ["red", "dog"], column_maps((0, 4), (3, 8)), threshold=0.15),
     ]
-    reward = get_objective("clip_reward", clip_model=tiny_clip, device="cpu", batch_size=3)
+    reward = paper_objective("clip_reward", clip_model=tiny_clip, device="cpu", batch_size=3)
     wins, margins, log_ratios = hand_reward(tiny_clip, items)
     assert margins[0][2] == 0.0  # the empty mask
     ratios = np.concatenate(log_ratios)
     assert np.sum(ratios == 0) == 1 and np.all(np.abs(ratios[ratios != 0]) > 1e-3)  # no near-ties
     assert sorted(set(wins)) != [0]  # some classes win, so a constant 0 would fail
     np.testing.assert_array_equal(reward.score(items), np.array(wins, dtype=float))
-    margin = get_objective("clip_margin", clip=reward.clip)
+    margin = paper_objective("clip_margin", clip=reward.clip)
     np.testing.assert_allclose(margin.score(items), [m.mean() for m in margins], rtol=1e-4, atol=1e-7)
 
 
 def test_reward_counts_masks_on_their_objects_and_not_swapped_ones(colour_clip):
-    reward = get_objective("clip_reward", clip_model=colour_clip, device="cpu")
+    reward = paper_objective("clip_reward", clip_model=colour_clip, device="cpu")
     image = two_colour_image()
     right = item(image, ["red", "blue"], column_maps((0, 4), (4, 8)))
     swapped = item(image, ["red", "blue"], column_maps((4, 8), (0, 4)))
@@ -121,7 +126,7 @@ def test_reward_counts_masks_on_their_objects_and_not_swapped_ones(colour_clip):
 
 
 def test_margin_orders_perfect_above_shifted_above_empty(colour_clip):
-    margin = get_objective("clip_margin", clip_model=colour_clip, device="cpu")
+    margin = paper_objective("clip_margin", clip_model=colour_clip, device="cpu")
     image = two_colour_image()
     perfect = item(image, ["red", "blue"], column_maps((0, 4), (4, 8)))
     shifted = item(image, ["red", "blue"], column_maps((1, 5), (3, 7)))  # each overlaps the other colour
@@ -133,7 +138,7 @@ def test_margin_orders_perfect_above_shifted_above_empty(colour_clip):
 
 
 def test_contrastive_uses_the_vocabulary_and_scores_single_candidates(colour_clip):
-    contrastive = get_objective("clip_contrastive", clip_model=colour_clip, device="cpu")
+    contrastive = paper_objective("clip_contrastive", clip_model=colour_clip, device="cpu")
     vocabulary = ("cat", "red", "dog", "blue")
     image = two_colour_image()
     good = item(image, ["red"], column_maps((0, 4)), vocabulary=vocabulary)
@@ -149,7 +154,7 @@ def test_contrastive_uses_the_vocabulary_and_scores_single_candidates(colour_cli
     expected = logp(clip.image_embeddings([red_only]))[0, 1] - logp(clip.black_embedding[None])[0, 1]
     assert scores[0] == pytest.approx(float(expected), rel=1e-4)
     # with the candidates as the only names the same single-class image carries no signal
-    assert get_objective("clip_reward", clip=clip).score([good])[0] == 0.0
+    assert paper_objective("clip_reward", clip=clip).score([good])[0] == 0.0
 
 
 def test_masks_reach_clip_batched_across_items(colour_clip):
@@ -162,7 +167,7 @@ def test_masks_reach_clip_batched_across_items(colour_clip):
         return original(images)
 
     scorer.image_embeddings = recording
-    reward = get_objective("clip_reward", clip=scorer)
+    reward = paper_objective("clip_reward", clip=scorer)
     images = [two_colour_image() for _ in range(3)]
     for i, image in enumerate(images):
         image[0, 0] = i  # three different images
@@ -175,7 +180,7 @@ def test_a_crop_seen_before_is_not_embedded_again(tiny_clip, rng):
     images = [random_image(rng, SIZE, SIZE) for _ in range(2)]
     maps = [rng.random((3, 8, 8)).astype(np.float32) for _ in images]
     items = [item(im, ["cat", "dog", "sky"], m, threshold=0.4) for im, m in zip(images, maps)]
-    reward = get_objective("clip_reward", clip_model=tiny_clip, device="cpu", batch_size=4)
+    reward = paper_objective("clip_reward", clip_model=tiny_clip, device="cpu", batch_size=4)
     first = reward.score(items)
     embedded = reward.crops_embedded
     assert embedded == 6
@@ -194,10 +199,10 @@ def test_a_crop_seen_before_is_not_embedded_again(tiny_clip, rng):
     other = [item(im, ["cat", "dog", "sky"], m, threshold=0.7) for im, m in zip(images, maps)]
     reward.score(other)
     assert reward.crops_embedded > embedded
-    fresh = get_objective("clip_reward", clip_model=tiny_clip, device="cpu", batch_size=4)
+    fresh = paper_objective("clip_reward", clip_model=tiny_clip, device="cpu", batch_size=4)
     np.testing.assert_array_equal(fresh.score(items), first)
     # the same crop twice in one call: embedded once
-    twice = get_objective("clip_reward", clip=fresh.clip)
+    twice = paper_objective("clip_reward", clip=fresh.clip)
     twice.score([items[0], items[0]])
     assert twice.crops_embedded == 3
 

@@ -14,6 +14,7 @@ from conftest import kill_mid_trial, write_spec
 from segmenter import SegmenterConfig
 from segmenter.config import read_provenance
 from tuner.cli import main
+from tuner.selection import choose
 from tuner.spec import load_spec
 from tuner.study import RunOptions, StudyRunner
 
@@ -53,12 +54,13 @@ def test_run_records_miou_and_export_round_trips(tmp_path, tiny_blip, tiny_clip,
 
     best_file = tmp_path / "best.yaml"
     args = ["export", "--study", "shapes-clip_margin", "--storage", f"sqlite:///{tmp_path}/tune.db"]
-    assert main([*args, "-o", str(best_file)]) == 0
+    assert main([*args, "-o", str(best_file), "--force"]) == 0  # the choice, whatever the check says
+    chosen = choose(study).trial
     config = SegmenterConfig.from_yaml(best_file)
-    assert config == SegmenterConfig.from_dict(study.best_trial.user_attrs["config"])
-    assert config.layer == study.best_trial.params["layer"]
+    assert config == SegmenterConfig.from_dict(chosen.user_attrs["config"])
+    assert config.layer == chosen.params["layer"]
     provenance = read_provenance(best_file)
-    assert provenance["study"] == "shapes-clip_margin" and provenance["trial"] == study.best_trial.number
+    assert provenance["study"] == "shapes-clip_margin" and provenance["trial"] == chosen.number
 
     assert main(["show", "--study", "shapes-clip_margin", "--storage", f"sqlite:///{tmp_path}/tune.db"]) == 0
     assert main(["studies", "--storage", f"sqlite:///{tmp_path}/tune.db"]) == 0

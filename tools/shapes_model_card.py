@@ -1,6 +1,10 @@
-"""Evaluate the bundled shapes-world models on held-out scenes and write their MODEL_CARD.md.
+"""Evaluate a shapes world's models on held-out scenes and write their MODEL_CARD.md.
 
-    python tools/shapes_model_card.py
+    python tools/shapes_model_card.py                    # the bundled planted world
+    python tools/shapes_model_card.py --models DIR       # any world: DIR/{blip,clip}, card DIR/MODEL_CARD.md
+
+The card says whether the world is planted (training_settings.json's `blip_cam_layer` > 0: one
+head was trained with the masks to localise) or unplanted, and how to load it.
 
 Held-out means the val and test splits of `ShapesDataset(seed)`, which the training script never
 renders. Three measurements:
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,7 +39,7 @@ from segmenter.backends import build_prompt  # noqa: E402
 from segmenter.backends.blip import BlipBackend  # noqa: E402
 from segmenter.clip import ClipScorer  # noqa: E402
 from segmenter.pipeline import threshold_maps, upsample  # noqa: E402
-from tuner.datasets.shapes import SHAPE_CLASSES, ShapesDataset  # noqa: E402
+from tuner.datasets.shapes import BUNDLED_WORLDS, SHAPE_CLASSES, ShapesDataset  # noqa: E402
 
 PREFIX = "a picture of "
 DEFAULT_MODELS = REPO / "tuner" / "datasets" / "shapes_models"
@@ -185,6 +190,104 @@ def planted_lines(settings: dict) -> list[str]:
     ]
 
 
+def card_args(models: Path, splits: list[str], seed: int) -> str:
+    """The arguments that rewrite this card (none for the bundled planted world's defaults)."""
+    args = "" if models.resolve() == DEFAULT_MODELS.resolve() else f" --models {relative(models)}"
+    if splits != ["val", "test"]:
+        args += " --splits " + " ".join(splits)
+    return args + (f" --seed {seed}" if seed else "")
+
+
+def relative(path: Path) -> str:
+    """`path` relative to the repository when inside it, else as given."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def where(info: dict) -> str:
+    """Where a model trained, from its training_settings.json ("one CPU thread" unless a device is named)."""
+    device = info.get("device", "cpu")
+    if device == "cpu":
+        return "one CPU thread"
+    return f"{device} (retrained on CPU, the same command gives a different model)"
+
+
+def is_planted(settings: dict) -> bool:
+    """Whether training gave one cross-attention head mask supervision (`blip_cam_layer` > 0)."""
+    return bool(settings.get("blip_cam_layer", 0))
+
+
+def world_name(models: Path) -> str:
+    """"bundled `planted`" / "bundled `unplanted`" for the package's worlds, else "`FOLDER NAME`"."""
+    here = models.resolve()
+    if here.parent == (REPO / "tuner" / "datasets").resolve():
+        name = {v: k for k, v in BUNDLED_WORLDS.items()}.get(here.name, here.name)
+        return f"bundled `{name}`"
+    return f"`{here.name}`"
+
+
+def load_line(models: Path) -> str:
+    """How to load the world's models: by bundled name inside the package, else by folder."""
+    package = (REPO / "tuner" / "datasets").resolve()
+    here = models.resolve()
+    if here.parent == package:
+        world = {v: k for k, v in BUNDLED_WORLDS.items()}.get(here.name, here.name)
+        return ("Bundled with ovss-tune (DESIGN.md, \"Running without downloads\"). "
+                f"Load with `tuner.datasets.shapes.bundled_model_path(\"blip\", world=\"{world}\")` (or "
+                f"`\"clip\"`), or in a spec as `pkg://tuner.datasets/{here.name}/blip`; they work offline "
+                "(`HF_HUB_OFFLINE=1`).")
+    return (f"Not bundled: load with `from_pretrained(\"{models}/blip\")` (or `clip`), e.g. as a spec's "
+            f"`model: {models}/blip` and `clip_model: {models}/clip`; they work offline "
+            "(`HF_HUB_OFFLINE=1`).")
+
+
+def title_lines(models: Path, settings: dict) -> list[str]:
+    """The card's heading, what the models are, whether the world is planted, and how to load it."""
+    if is_planted(settings):
+        kind = (f"**Planted world**: head {settings['blip_cam_head']} of text layer "
+                f"{settings['blip_cam_layer']} got mask supervision in training (below), so a search over "
+                "(layer, head) has one known right answer: the test with a known answer, which proves the "
+                "machinery, not the objective.")
+    else:
+        kind = ("**Unplanted world**: no head got mask supervision in training (`blip_cam_layer` 0); "
+                "whatever localises learnt to from image-caption matching alone, so a label-free objective "
+                "that finds it here is honestly tested.")
+    return [
+        f"# Shapes-world models: tiny BLIP ITM and CLIP ({world_name(models)} world)",
+        "",
+        kind,
+        "",
+        "Both are the real transformers classes (`BlipForImageTextRetrieval`, `CLIPModel`), trained from "
+        "scratch on procedural scenes of `tuner.datasets.shapes` (64 x 64 px, 8 classes: "
+        f"{', '.join(SHAPE_CLASSES)}). " + load_line(models),
+        "",
+    ]
+
+
+def why_lines(settings: dict, best_gradcam: float, best_raw: float) -> list[str]:
+    """Why the planted world needed the aid; for an unplanted one, how GradCAM compares with attention."""
+    if not is_planted(settings):
+        return [
+            f"GradCAM vs raw attention: the best head's GradCAM IoU is {best_gradcam:.3f}, the best raw "
+            f"cross-attention IoU {best_raw:.3f}. In models this small dScore/dA is negative on the object "
+            "for a share of (image, class) pairs, and GradCAM's clamp(dScore/dA, min=0) erases the object "
+            "there, so GradCAM localises less well than the attention it weights.",
+            "",
+        ]
+    return [
+        "Why GradCAM needs help in models this small: heads that localise put nearly all of a class "
+        "token's attention on its object, but without the aid below dScore/dA on those patches is "
+        "negative for a class-dependent share of (image, class) pairs, so clamp(dScore/dA, min=0) "
+        "zeroes the object and the map peaks elsewhere (the best unaided head of an earlier training "
+        "reached IoU 0.29 while its raw attention reached 0.63). The gradient with respect to softmax "
+        "probabilities carries an offset the forward pass does not constrain; large pretrained BLIP "
+        "models keep it positive where they look, tiny ones trained for minutes do not reliably.",
+        "",
+    ]
+
+
 def write_card(models: Path, itm: dict, clip: dict, iou: np.ndarray, raw: np.ndarray, baseline: float,
                splits: list[str], seed: int, images: int, seconds: float) -> str:
     """The card's markdown; `iou` is [L, H, len(THRESHOLDS)], `baseline` the whole-image IoU."""
@@ -201,27 +304,27 @@ def write_card(models: Path, itm: dict, clip: dict, iou: np.ndarray, raw: np.nda
 
         with safe_open(str(models / kind / "model.safetensors"), "pt") as f:
             n_params[kind] = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    clip_settings = clip_info["settings"]
+    same_run = clip_info["command"] == blip_info["command"]
+    together = " (the two models train at once, a process each)" if same_run else ""
     lines = [
-        "# Shapes-world models: tiny BLIP ITM and CLIP",
-        "",
-        "Bundled with ovss-tune for tests and the offline default (DESIGN.md, \"Running without "
-        "downloads\"). Both are the real transformers classes (`BlipForImageTextRetrieval`, `CLIPModel`), "
-        "trained from scratch on procedural scenes of `tuner.datasets.shapes` (64 x 64 px, 8 classes: "
-        f"{', '.join(SHAPE_CLASSES)}). Load with `tuner.datasets.shapes.bundled_model_path(\"blip\")` "
-        "(or `\"clip\"`); they work offline (`HF_HUB_OFFLINE=1`).",
-        "",
+        *title_lines(models, settings),
         "## How they were made",
         "",
         f"    {blip_info['command']}",
+        *([] if clip_info["command"] == blip_info["command"] else
+          ["", f"    {clip_info['command']}  # the CLIP model"]),
         "",
         f"- seed {settings['seed']}; {settings['scenes']} train-split scenes (`ShapesDataset(seed="
         f"{settings['seed']}).scene_seed(\"train\", i)`, val/test scenes skipped), random flips and quarter turns",  # noqa: E501
         f"- BLIP: {settings['blip_steps']} steps of batch {settings['blip_batch']} images (each with one "
         f"matching and one non-matching caption), AdamW lr {settings['blip_lr']}, "
-        f"{blip_info['train_seconds']:.0f} s on one CPU thread",
-        f"- CLIP: {settings['clip_steps']} steps of batch {settings['clip_batch']}, AdamW lr "
-        f"{settings['clip_lr']}, {clip_info['train_seconds']:.0f} s on one CPU thread (the two models train at "  # noqa: E501
-        f"once, a process each); torch {blip_info['torch']}",
+        f"{blip_info['train_seconds']:.0f} s on {where(blip_info)}",
+        f"- CLIP: {clip_settings['clip_steps']} steps of batch {clip_settings['clip_batch']}, AdamW lr "
+        f"{clip_settings['clip_lr']}, seed {clip_settings['seed']}, {clip_info['train_seconds']:.0f} s on "
+        f"{where(clip_info)}"
+        f"{together}"
+        f"; torch {blip_info['torch']}",
         f"- BLIP architecture: {describe(json.loads((models / 'blip' / 'config.json').read_text()))}; "
         f"{n_params['blip'] / 1e6:.2f} M parameters, {folder_size(models / 'blip') / 1e6:.1f} MB on disk",
         f"- CLIP architecture: {describe(json.loads((models / 'clip' / 'config.json').read_text()))}; "
@@ -235,8 +338,7 @@ def write_card(models: Path, itm: dict, clip: dict, iou: np.ndarray, raw: np.nda
         f"## Held-out results ({' + '.join(splits)} splits of `ShapesDataset(seed={seed})`, {images} images; "
         "never rendered by the training script)",
         "",
-        "Written by `python tools/shapes_model_card.py` "
-        f"({seconds:.0f} s).",
+        f"Written by `python tools/shapes_model_card.py{card_args(models, splits, seed)}` ({seconds:.0f} s).",
         "",
         f"- BLIP ITM accuracy (match probability > 0.5), {itm['pairs']} balanced pairs: **{itm['all']:.1%}** "
         f"(all present {itm['all present']:.1%}, one present {itm['one present']:.1%}, swap "
@@ -257,14 +359,7 @@ def write_card(models: Path, itm: dict, clip: dict, iou: np.ndarray, raw: np.nda
         f"({'met' if clip['single_object'] >= 0.9 else 'NOT met'}), best GradCAM (layer, head) IoU >= 0.5 "
         f"({'met' if ranked[best] >= 0.5 else 'NOT met'}) with the median clearly lower.",
         "",
-        "Why GradCAM needs help in models this small: heads that localise put nearly all of a class "
-        "token's attention on its object, but without the aid below dScore/dA on those patches is "
-        "negative for a class-dependent share of (image, class) pairs, so clamp(dScore/dA, min=0) "
-        "zeroes the object and the map peaks elsewhere (the best unaided head of an earlier training "
-        "reached IoU 0.29 while its raw attention reached 0.63). The gradient with respect to softmax "
-        "probabilities carries an offset the forward pass does not constrain; large pretrained BLIP "
-        "models keep it positive where they look, tiny ones trained for minutes do not reliably.",
-        "",
+        *why_lines(settings, ranked[best], raw[raw_best]),
         *planted_lines(settings),
         "### GradCAM localisation IoU per (layer, head)",
         "",
@@ -287,13 +382,83 @@ def write_card(models: Path, itm: dict, clip: dict, iou: np.ndarray, raw: np.nda
     return "\n".join(lines) + "\n"
 
 
+def retrain_command(models: Path) -> str:
+    """One CPU command that retrains a world into /work/worlds/NAME: its BLIP command without
+    --out/--only/--device (the CLIP settings are the defaults in every world trained here)."""
+    words = json.loads((models / "blip" / "training_settings.json").read_text())["command"].split()
+    kept, skip = [], False
+    for word in words[2:]:
+        if skip:
+            skip = False
+        elif word in ("--out", "--only", "--device"):
+            skip = True
+        else:
+            kept.append(word)
+    return " ".join(["python tools/train_shapes_models.py", *kept, "--out", f"/work/worlds/{models.name}"])
+
+
+def collect(worlds: list[Path]) -> str:
+    """WORLDS.md: a summary row per world, then each world's MODEL_CARD.md (headings one level down)."""
+    pattern = re.compile(r"best \(layer, head\) = \*\*\((\d+), (\d+)\)\*\* with IoU \*\*([0-9.]+)\*\*; "
+                         r"median over the \d+ pairs of layers [0-9-]+: ([0-9.]+)")
+    rows, sections = [], []
+    for models in worlds:
+        card = (models / "MODEL_CARD.md").read_text()
+        info = json.loads((models / "blip" / "training_settings.json").read_text())
+        best = pattern.search(card)
+        itm = re.search(r"balanced pairs: \*\*([0-9.]+%)\*\*", card)[1]
+        clip = re.search(r"single-object images \*\*([0-9.]+%)\*\*", card)[1]
+        raw = re.search(r"raw cross-attention .* with IoU ([0-9.]+)", card)[1]
+        shipped = [name for name, folder in BUNDLED_WORLDS.items()
+                   if (REPO / "tuner" / "datasets" / folder / "blip" / "model.safetensors").is_file()
+                   and (REPO / "tuner" / "datasets" / folder / "blip" / "model.safetensors").read_bytes()
+                   == (models / "blip" / "model.safetensors").read_bytes()]
+        bundled = f" (bundled as `{shipped[0]}`)" if shipped else ""
+        rows.append(f"| `{models.name}`{bundled} | {'yes' if is_planted(info['settings']) else 'no'} | "
+                    f"{info.get('device', 'cpu')} | {info['train_seconds']:.0f} | {itm} | {clip} | "
+                    f"({best[1]}, {best[2]}) {best[3]} | {best[4]} | {raw} |")
+        body = card.split("\n", 1)[1].replace("\n## ", "\n### ")
+        sections += [f"## `{models.name}`", "", f"Folder: `{models}`. Retrain on CPU with", "",
+                     f"    {retrain_command(models)}", "", body.strip(), ""]
+    return "\n".join([
+        "# Shapes worlds: the trained model pairs",
+        "",
+        "Written by `python tools/shapes_model_card.py --collect DIR...` from each world's card "
+        "(`python tools/shapes_model_card.py --models DIR`; held-out val + test scenes, 400 images). "
+        "GradCAM IoU at t = 0.5; `device` is where the BLIP trained (cuda: a GPU, whose sums differ from "
+        "the CPU's, so retraining on CPU gives a different model of the same recipe); `BLIP train s` is the "
+        "run's wall time as recorded, which on a shared machine includes waiting for the CPU. Each world's "
+        "section gives the command that retrains it on CPU into /work/worlds/NAME (its CLIP uses the "
+        "default CLIP settings and the world's seed).",
+        "",
+        "| world | planted | device | BLIP train s | ITM | CLIP top-1 | best GradCAM (layer, head) IoU | "
+        "median | best raw attention IoU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        *sections,
+    ])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder with blip/ and clip/")
+    parser.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+                        help="a world's folder, with blip/ and clip/ (default: the bundled planted world)")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     parser.add_argument("--seed", type=int, default=0, help="ShapesDataset seed")
     parser.add_argument("--card", type=Path, help="where to write the card (default: MODELS/MODEL_CARD.md)")
+    parser.add_argument("--collect", nargs="+", type=Path, metavar="DIR",
+                        help="instead: write --card (WORLDS.md) from these worlds' cards, a section each")
     args = parser.parse_args(argv)
+    if args.collect:
+        if not args.card:
+            parser.error("--collect needs --card, the file to write (e.g. WORLDS.md)")
+        missing = [str(d) for d in args.collect if not (d / "MODEL_CARD.md").is_file()]
+        if missing:
+            parser.error(f"no MODEL_CARD.md in {', '.join(missing)}: run --models DIR on each first")
+        args.card.write_text(collect(args.collect))
+        print(f"wrote {args.card}")
+        return
     torch.manual_seed(0)
     start = time.time()
     scenes = held_out(args.seed, args.splits)

@@ -2,8 +2,13 @@
 
     python tools/train_shapes_models.py
 
-writes `tuner/datasets/shapes_models/{blip,clip}/` (model + processor, `save_pretrained`), then
-`python tools/shapes_model_card.py` evaluates them on held-out scenes and writes MODEL_CARD.md.
+writes the bundled planted world, `tuner/datasets/shapes_models/{blip,clip}/` (model + processor,
+`save_pretrained`, and training_settings.json: every setting, the command, torch, the device),
+then `python tools/shapes_model_card.py` evaluates them on held-out scenes and writes MODEL_CARD.md.
+An unplanted world (no head gets mask supervision) is `--blip-cam-layer 0 --out DIR`, its card
+`python tools/shapes_model_card.py --models DIR`; the trained ones are listed in
+`tuner/datasets/shapes_models_unplanted/WORLDS.md`. Training runs on CPU, one thread per model;
+`--device cuda` trains on a GPU for quick pilots, whose models differ from the CPU's.
 
 Both models are instances of the real transformers classes (`BlipForImageTextRetrieval`,
 `CLIPModel`) with word-level tokenizers over the shapes vocabulary, trained on scenes of the
@@ -225,7 +230,8 @@ def itm_logits(model, tokens: dict[str, torch.Tensor], image_embeds: torch.Tenso
     text = model.text_encoder(
         input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
         encoder_hidden_states=image_embeds,
-        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long),
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                                          device=image_embeds.device),
     ).last_hidden_state  # [B, T, D]
     return model.itm_head(text[:, 0, :])
 
@@ -263,12 +269,14 @@ def planted_head_loss(score: torch.Tensor, probs: torch.Tensor, head: int,
     return (cover(cam) + cover(attn) + negative[valid]).mean()
 
 
-def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, log) -> tuple:
+def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, log,
+               device: str = "cpu") -> tuple:
     """ITM from scratch with balanced positives and negatives (3/4 of the negatives hard)."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     model, processor = build_blip(settings)
+    model.to(device)
     model.train()
     tokenizer = processor.tokenizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.blip_lr, weight_decay=0.05)
@@ -291,14 +299,16 @@ def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, l
             else positives[(b + 1) % batch]
             for b, p in enumerate(present)
         ]
-        image_embeds = model.vision_model(pixel_values=normalise(x)).last_hidden_state  # [B, 1+N, D]
-        tokens = caption_tokens(tokenizer, positives + negatives)
+        pixels = normalise(x).to(device)
+        image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state  # [B, 1+N, D]
+        tokens = {k: v.to(device) for k, v in caption_tokens(tokenizer, positives + negatives).items()}
         logits = itm_logits(model, tokens, torch.cat([image_embeds, image_embeds]))
-        target = torch.cat([torch.ones(batch), torch.zeros(batch)]).long()
+        target = torch.cat([torch.ones(batch), torch.zeros(batch)]).long().to(device)
         loss = F.cross_entropy(logits, target)
-        aux = torch.zeros(())
+        aux = torch.zeros((), device=device)
         if settings.blip_cam_layer and step >= settings.blip_cam_start:
-            where = token_targets(tokenizer, tokens["input_ids"][:batch], m, settings.blip_patch)
+            where = token_targets(tokenizer, tokens["input_ids"][:batch].cpu(), m, settings.blip_patch)
+            where = where.to(device)
             # the matching half only: the negatives' rows get no target
             aux = planted_head_loss(logits[:batch, 1], captured["probs"], settings.blip_cam_head,
                                     F.pad(where, (0, 0, 0, 0, 0, batch)))
@@ -316,7 +326,7 @@ def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, l
             recent = []
     if hook is not None:
         hook.remove()
-    return model.eval(), processor, time.time() - start
+    return model.eval().cpu(), processor, time.time() - start
 
 
 # --- CLIP ----------------------------------------------------------------------------------------------
@@ -377,14 +387,15 @@ def single_objects(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Gen
     return out, classes
 
 
-def train_clip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, log) -> tuple:
+def train_clip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, log,
+               device: str = "cpu") -> tuple:
     """Multi-positive InfoNCE from scratch (text j is a positive of image i when i holds all of
     j's classes)."""
     torch.manual_seed(settings.seed + 1)
     rng = np.random.default_rng(settings.seed + 1)
     gen = torch.Generator().manual_seed(settings.seed + 1)
     model, processor = build_clip(settings)
-    model.train()
+    model.to(device).train()
     tokenizer = processor.tokenizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.clip_lr, weight_decay=0.05)
     all_images, all_masks = torch.from_numpy(images), torch.from_numpy(masks)
@@ -401,11 +412,12 @@ def train_clip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, l
         present = [[c] for c in cut_classes] + present[masked:]
         texts = [positive_caption(p, rng) for p in present]
         strings = [(PREFIX if rng.random() < 0.25 else "") + " ".join(names(t)) for t in texts]
-        tokens = tokenizer(strings, padding=True, return_tensors="pt")
-        image_features = F.normalize(model.get_image_features(pixel_values=normalise(x)).pooler_output, dim=-1)  # noqa: E501
+        tokens = {k: v.to(device) for k, v in tokenizer(strings, padding=True, return_tensors="pt").items()}
+        pixels = normalise(x).to(device)
+        image_features = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         text_features = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.T  # [B, B]
-        holds = holds_matrix(texts, present)
+        holds = holds_matrix(texts, present).to(device)
         loss = multi_positive_nce(logits, holds)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -417,22 +429,23 @@ def train_clip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, l
             log(f"step {step + 1}/{settings.clip_steps} loss {mean_loss:.3f} train top-1 {acc:.3f} "
                 f"({time.time() - start:.0f}s)")
             recent = []
-    return model.eval(), processor, time.time() - start
+    return model.eval().cpu(), processor, time.time() - start
 
 
 # --- main ---------------------------------------------------------------------------------------------
-def save(model, processor, path: Path, settings: TrainSettings, seconds: float) -> None:
+def save(model, processor, path: Path, settings: TrainSettings, seconds: float, device: str = "cpu") -> None:
     """float32 safetensors + processor files, and the settings that made them."""
     path.mkdir(parents=True, exist_ok=True)
     model.to(torch.float32).save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
     info = {"settings": asdict(settings), "train_seconds": round(seconds, 1),
-            "torch": torch.__version__, "command": " ".join(["python", *sys.argv])}
+            "torch": torch.__version__, "device": device, "command": " ".join(["python", *sys.argv])}
     (path / "training_settings.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def train_and_save(kind: str, settings: TrainSettings, out: Path) -> None:
-    """Render the training scenes and train one model ("blip" or "clip") on one CPU thread."""
+def train_and_save(kind: str, settings: TrainSettings, out: Path, device: str = "cpu") -> None:
+    """Render the training scenes and train one model ("blip" or "clip") on one CPU thread (or on
+    `device`: quick pilots only, its sums differ from the CPU's)."""
     torch.set_num_threads(1)  # one thread per model: no spin-waiting on a shared machine, same sums
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
@@ -444,8 +457,8 @@ def train_and_save(kind: str, settings: TrainSettings, out: Path) -> None:
     images, masks = training_scenes(settings.seed, settings.scenes)
     log(f"rendered {len(images)} training scenes ({time.time() - start:.0f}s)")
     train = train_blip if kind == "blip" else train_clip
-    model, processor, _ = train(settings, images, masks, log)
-    save(model, processor, out / kind, settings, time.time() - start)
+    model, processor, _ = train(settings, images, masks, log, device)
+    save(model, processor, out / kind, settings, time.time() - start, device)
     log(f"saved {out / kind} ({time.time() - start:.0f}s)")
 
 
@@ -456,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=("blip", "clip"), help="train one of the two models")
     parser.add_argument("--sequential", action="store_true",
                         help="train one model after the other (default: both at once, a process each)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for quick pilots (e.g. cuda); the shipped models train on cpu")
     for name, value in asdict(defaults).items():
         kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, metavar=type(value).__name__)  # noqa: E501
@@ -466,14 +481,19 @@ def main(argv: list[str] | None = None) -> None:
                      "(the last text layer's class-token gradients are zero), or 0 for no planted head")
     if not 0 <= settings.blip_cam_head < settings.blip_heads:
         parser.error(f"--blip-cam-head {settings.blip_cam_head}: use 0-{settings.blip_heads - 1}")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as error:
+        parser.error(f"--device {args.device} is not usable here ({str(error).splitlines()[0]}): use cpu")
     kinds = [args.only] if args.only else ["blip", "clip"]
     start = time.time()
     if args.sequential or len(kinds) == 1:
         for kind in kinds:
-            train_and_save(kind, settings, args.out)
+            train_and_save(kind, settings, args.out, args.device)
     else:
         context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=train_and_save, args=(k, settings, args.out)) for k in kinds]
+        workers = [context.Process(target=train_and_save, args=(k, settings, args.out, args.device))
+                   for k in kinds]
         for worker in workers:
             worker.start()
         for worker in workers:

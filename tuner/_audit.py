@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from . import _audit_stats as S
-from .study import best_trial, is_repeat
+from .study import is_repeat
 
 AUDIT_VERSION = 1
 OBJECTIVE_TOLERANCE = 1e-5  # stored per-image objective values are rounded to 6 decimals
@@ -92,7 +92,10 @@ def audit_study(study: optuna.Study, options: AuditOptions) -> dict[str, Any]:
                          "compares one objective with mIoU")
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
     trials = [_trial(t, sign) for t in complete]
-    choice = best_trial(study).number
+    from .selection import choose
+
+    picked = choose(study)
+    choice = picked.trial.number
     notes: list[str] = []
     if sign < 0:
         notes.append("the study minimises its objective: values are negated so that higher is better")
@@ -106,7 +109,34 @@ def audit_study(study: optuna.Study, options: AuditOptions) -> dict[str, Any]:
     audit = _Audit(options, attrs, trials, choice, source, notes, sign)
     audit.fill_per_image()
     report = audit.report(study, every)
+    report["choice"] = {**picked.summary(), "description": picked.describe()}
+    tied = [audit.by_number[t.number].miou for t in picked.tied if t.number in audit.by_number]
+    tied = [m for m in tied if m is not None and math.isfinite(m)]
+    if len(tied) > 1:
+        report["choice"]["tied_miou_range"] = [min(tied), max(tied)]
+    report["confidence_check"] = _confidence(study, picked, options)
     return _json_ready(report)
+
+
+def _confidence(study: optuna.Study, picked, options: AuditOptions) -> dict[str, Any]:
+    """The label-free confidence check of the choice (tuner.confidence), stored or computed now."""
+    from .confidence import ensure_check, verdict
+
+    stored = study.user_attrs.get("confidence_check")
+    if stored and stored.get("trial") == picked.trial.number:
+        record = dict(stored)
+    elif not options.reevaluate:
+        record = {"trial": picked.trial.number, "reliably_better": None,
+                  "unavailable": "not stored in the study, and --no-reevaluate forbids computing it"}
+    else:
+        try:
+            record = dict(ensure_check(study, picked, device=options.device, cache_dir=options.cache_dir,
+                                       data_root=options.data_root))
+        except (ValueError, OSError) as err:
+            record = {"trial": picked.trial.number, "reliably_better": None,
+                      "unavailable": str(err).splitlines()[0]}
+    record["verdict"] = verdict(record)
+    return record
 
 
 def write_audit(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import yaml
 
 from objectives import ScoreInput, confusion_matrix, get_objective, num_label_classes, to_class_ids
 from segmenter import SegmenterConfig, load_backend, postprocess
 from segmenter.images import image_digest
+from segmenter.yaml_input import YamlInputError, load_yaml
 
 from ._audit_stats import counts_from_confusion
 from .cache import MapCache
 from .datasets import Dataset, iter_samples, load_dataset
-from .trial import CandidatePicker, MapProvider, TuningImage
+from .trial import CandidatePicker, MapProvider, TuningImage, view_label_maps
 
 #: keys of the study attr "models" that describe the segmenter; the rest are objective options
 _MODEL_KEYS = ("backend", "model", "revision")
@@ -80,8 +80,8 @@ def _typed(value: Any) -> Any:
     if value == "None":
         return None
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
+        return load_yaml(value, "a recorded objective option")
+    except YamlInputError:
         return value
 
 
@@ -105,7 +105,7 @@ class Reevaluator:
         self.fixed = SegmenterConfig.from_dict(attrs["fixed"])
         self.backend = load_backend(self.fixed.backend, self.fixed.model, self.fixed.revision, device=device)
         self.objective = get_objective(attrs["objective"], device=str(self.backend.device),
-                                       **recorded_objective_options(attrs))
+                                       backend=self.backend, **recorded_objective_options(attrs))
         self.cache = MapCache(cache_dir)
         self.provider = MapProvider(self.backend, self.cache, batch_size)
         self._datasets: dict[str, Dataset] = {}
@@ -152,14 +152,17 @@ class Reevaluator:
             batch = images.images[start : start + self.batch_size]
             cands = [self.candidates(images)(config, im) for im in batch]
             maps = self.provider.maps(config, batch, cands)
+            views = tuple(self.objective.views)
+            seen_views = (view_label_maps(views, config, batch, cands, self.provider) if views
+                          else [None] * len(batch))
             items = []
-            for im, names, m in zip(batch, cands, maps):
+            for im, names, m, seen in zip(batch, cands, maps, seen_views):
                 label_map = postprocess(im.sample.image, m, config, self.backend.device)  # [H, W] 0 = bg
                 items.append(ScoreInput(
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
                     threshold=config.threshold, vocabulary=ds.vocabulary,
                     image_classes=im.sample.image_classes, label_names=ds.class_names,
-                    labels=im.sample.labels if pixel_labels else None,
+                    labels=im.sample.labels if pixel_labels else None, image_digest=im.digest, views=seen,
                 ))
                 foreground.append(float((label_map > 0).mean()))
                 if labelled:

@@ -53,6 +53,16 @@ def headline(report: dict[str, Any]) -> list[str]:
                      f"{fmt(regret['regret'])} mIoU (95% CI {fmt_ci(regret.get('regret_ci95'))})")
     else:
         lines.append(f"regret: unavailable: {_unavailable(regret)}")
+    choice = report.get("choice")
+    if choice:
+        line = f"choice: {choice['description']}"
+        spread = choice.get("tied_miou_range")
+        if spread and "mIoU ranges" not in line:
+            line += f"; their mIoU ranges {fmt(spread[0])}-{fmt(spread[1])}"
+        lines.append(line)
+    check = report.get("confidence_check")
+    if check:
+        lines.append(f"confidence check (no labels): {check['verdict']}")
     if not _unavailable(agreement) and agreement.get("undefined"):
         lines.append(f"agreement: undefined: {agreement['undefined']}")
     elif not _unavailable(agreement):

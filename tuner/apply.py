@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,20 +36,58 @@ def read_class_list(classes: str | None, classes_file: str | None) -> list[str]:
 
 def iter_image_paths(inputs: Sequence[str]) -> Iterator[Path]:
     """Files as given, and the image files of directories (sorted, not recursive)."""
+    for path, _ in _inputs_with_bases(inputs):
+        yield path
+
+
+def _inputs_with_bases(inputs: Sequence[str]) -> Iterator[tuple[Path, Path]]:
+    """(image file, the directory its output name is taken relative to) for every input."""
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            for p in sorted(path.iterdir()):
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file():
+                    yield p, path
         elif path.exists():
-            yield path
+            yield path, path.parent
         else:
             raise FileNotFoundError(f"no such image or directory: {path}")
 
 
+def plan_outputs(inputs: Sequence[str]) -> list[tuple[Path, str]]:
+    """(image file, output name) for every distinct input image, in input order.
+
+    The output name is the image's path relative to the deepest directory holding every input
+    (the input tree mirrored), suffix kept: `cam1/0001.jpg` and `cam2/0001.jpg` give
+    "cam1/0001.jpg" and "cam2/0001.jpg", `a.jpg` and `a.png` give "a.jpg" and "a.png". The
+    same file given twice is segmented once; names that differ only in case get "~2", "~3".
+    """
+    entries, seen = [], set()
+    for path, base in _inputs_with_bases(inputs):
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            entries.append((path, base))
+    if not entries:
+        return []
+    anchor = os.path.commonpath([os.path.abspath(base) for _, base in entries])
+    planned, taken = [], set()
+    for path, _ in entries:
+        name = Path(os.path.relpath(os.path.abspath(path), anchor)).as_posix()
+        unique, n = name, 1
+        while unique.casefold() in taken:  # case-insensitive file systems
+            n += 1
+            unique = f"{name}~{n}"
+        taken.add(unique.casefold())
+        planned.append((path, unique))
+    return planned
+
+
 @dataclass
 class SegmentReport:
-    written: list[Path] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)  # inputs whose outputs are on disk
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)  # the label PNGs written, one per input
 
 
 def segment_paths(
@@ -59,30 +98,35 @@ def segment_paths(
     save_maps: bool = False,
     progress=None,
 ) -> SegmentReport:
-    """Segment every image; write <stem>_labels.png, <stem>_overlay.png (and <stem>_maps.npz)."""
+    """Segment every image; write <name>_labels.png, <name>_overlay.png (and <name>_maps.npz)
+    below `out_dir`, where <name> is the image's path in the mirrored input tree with its suffix
+    (`plan_outputs`): no two inputs share an output. Images are read as viewed (EXIF)."""
     from .render import label_png, overlay
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = SegmentReport()
-    paths = list(iter_image_paths(inputs))  # fail on a missing input before any work
+    planned = plan_outputs(inputs)  # fail on a missing input before any work
+    names = dict(planned)
     batch: list[tuple[Path, np.ndarray]] = []
 
     def flush() -> None:
         results = segmenter.segment_batch([im for _, im in batch], [list(class_names)] * len(batch))
         for (path, image), result in zip(batch, results):
-            stem = out / path.stem
-            label_png(result.label_map, len(class_names) + 1).save(f"{stem}_labels.png")
-            overlay(image, result.label_map, result.class_names).save(f"{stem}_overlay.png")
+            base = out / names[path]
+            base.parent.mkdir(parents=True, exist_ok=True)
+            label_png(result.label_map, len(class_names) + 1).save(f"{base}_labels.png")
+            overlay(image, result.label_map, result.class_names).save(f"{base}_overlay.png")
             if save_maps:
-                np.savez_compressed(f"{stem}_maps.npz", maps=result.maps,
+                np.savez_compressed(f"{base}_maps.npz", maps=result.maps,
                                     class_names=np.array(result.class_names))
             report.written.append(path)
+            report.outputs.append(Path(f"{base}_labels.png"))
             if progress is not None:
                 progress()
         batch.clear()
 
-    for path, image in prefetch_images(paths, ahead=2 * segmenter.batch_size):
+    for path, image in prefetch_images([p for p, _ in planned], ahead=2 * segmenter.batch_size):
         if isinstance(image, Exception):
             report.failed.append((path, str(image)))
             if progress is not None:

@@ -52,6 +52,8 @@ def __getattr__(name: str) -> Any:
 # --- CLI -------------------------------------------------------------------------------------------------
 def add_audit_command(subparsers) -> argparse.ArgumentParser:
     """Register `tune audit` on an argparse subparsers object; the handler is `cmd_audit`."""
+    from .cli import non_negative_int, positive_int
+
     audit = subparsers.add_parser(
         "audit", help="how far the label-free choice is from what labels would have chosen",
         description="Compare a study's objective with mIoU: rank agreement with bootstrap intervals, "
@@ -64,23 +66,25 @@ def add_audit_command(subparsers) -> argparse.ArgumentParser:
                                          "study's, when --split is given)")
     audit.add_argument("--split", help="labelled split to evaluate on (default: the study's eval split, "
                                        "when --dataset is given); the study's tuning images are left out")
-    audit.add_argument("--images", type=int, help="evaluation images, a seeded subset (default: as many as "
-                                                  "the study tuned on)")
+    audit.add_argument("--images", type=positive_int,
+                       help="evaluation images, a seeded subset (default: as many as the study tuned on)")
     audit.add_argument("--data-root", default=os.environ.get("OVSS_DATA"), help="dataset directory")
-    audit.add_argument("--max-trials", type=int, default=50,
+    audit.add_argument("--max-trials", type=positive_int, default=50,
                        help="trials re-evaluated at most: the label-free choice, the top 5, then a seeded "
                             "sample (default %(default)s)")
     audit.add_argument("--no-reevaluate", action="store_true",
                        help="use only what the study stored (no intervals, no mask-area check)")
-    audit.add_argument("--bootstrap", type=int, default=1000,
+    audit.add_argument("--bootstrap", type=non_negative_int, default=1000,
                        help="bootstrap replicates over images, 0 to skip (default %(default)s)")
-    audit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the samples")
+    audit.add_argument("--seed", type=non_negative_int, default=0,
+                       help="seed of the bootstrap and the samples")
     audit.add_argument("--importance", choices=["auto", "fanova", "ped-anova"], default="auto",
                        help="importance evaluator (auto: fANOVA when scikit-learn is installed)")
     audit.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     audit.add_argument("--cache-dir", default="runs/cache", help="map cache directory of the study")
     audit.add_argument("--no-cache", action="store_true", help="recompute every map")
-    audit.add_argument("--batch-size", type=int, default=8)
+    audit.add_argument("--batch-size", type=positive_int, default=8,
+                       help="images per model batch (default %(default)s)")
     audit.add_argument("--no-progress", action="store_true")
     audit.add_argument("-o", "--output", help="output directory (default runs/audit/<study>)")
     return audit
@@ -90,9 +94,12 @@ def cmd_audit(args, console) -> int:
     """`tune audit`: run the audit, print the summary, write audit.json and audit.html."""
     from ._audit import AuditOptions, run_audit, write_audit
     from ._audit_report import print_summary
+    from .outputs import writable_dir
 
     if args.images is not None and args.images < 1:
         raise ValueError("--images must be at least 1")
+    out_dir = Path(args.output) if args.output else Path("runs/audit") / re.sub(r"[^\w.-]+", "_", args.study)
+    writable_dir(out_dir, "audit output directory", create=False)  # before the audit's work, not after
     options = AuditOptions(
         study=args.study, storage=args.storage, dataset=args.dataset, split=args.split, images=args.images,
         max_trials=args.max_trials, reevaluate=not args.no_reevaluate, bootstrap=args.bootstrap,
@@ -101,8 +108,7 @@ def cmd_audit(args, console) -> int:
         data_root=args.data_root, progress=not args.no_progress,
     )
     report = run_audit(options)
-    out_dir = Path(args.output) if args.output else Path("runs/audit") / re.sub(r"[^\w.-]+", "_", args.study)
+    print_summary(report, console)  # shown even if writing fails below
     json_path, html_path = write_audit(report, out_dir)
-    print_summary(report, console)
     console.print(f"wrote {json_path} and {html_path}", highlight=False)
     return 0

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 DEFAULT_DATASET = "shapes"
@@ -21,6 +22,26 @@ def parse_batch_size(text: str) -> str | int:
         return parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _int_at_least(least: int, meaning: str = ""):
+    """An argparse type: an integer >= `least`, else a one-line usage error (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {least}{meaning}")
+        return value
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+#: --images, --trials, --top ...: 0 is refused (it would mean "the default" in one command and
+#: "all" in another); leave the option out for its default
+positive_int = _int_at_least(1, " (leave the option out for its default)")
+non_negative_int = _int_at_least(0)
 
 
 def _storage_arg(p: argparse.ArgumentParser) -> None:
@@ -46,22 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--study-file", help="a study spec YAML (default: studies/<dataset>.yaml)")
     run.add_argument("--study", help="study name (default: <dataset>-<objective>)")
     _storage_arg(run)
-    run.add_argument("--trials", type=int, help="distinct finished configs the study should have")
+    run.add_argument("--trials", type=positive_int,
+                     help="distinct finished configs the study should have (default: the spec's `trials`)")
     run.add_argument("--objective", help="objective name (see `tune objectives`)")
-    run.add_argument("--images", type=int, help="number of tuning images")
+    run.add_argument("--images", type=positive_int,
+                     help="number of tuning images (default: the spec's `tuning.images`)")
     run.add_argument("--model", help="BLIP ITM model id or directory (overrides the spec's)")
     run.add_argument("--clip-model", help="CLIP model id or directory for the objective and candidates")
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    run.add_argument("--seed", type=int, help="sampler and tuning-subset seed (recorded in the study)")
+    run.add_argument("--seed", type=non_negative_int,
+                     help="sampler and tuning-subset seed, recorded in the study (default: the spec's "
+                          "`tuning.seed`)")
     run.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
     run.add_argument("--no-cache", action="store_true", help="recompute every map (same values)")
     run.add_argument("--batch-size", type=parse_batch_size, default="auto",
                      help="images per model batch, or auto: from free GPU memory (8 on CPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
-    run.add_argument("--workers", type=int, default=0,
-                     help="processes for the CPU post-processing (dense CRF, blur); 0 = none")
-    run.add_argument("--heartbeat", type=int, default=30,
+    run.add_argument("--workers", type=non_negative_int, default=0,
+                     help="processes for the CPU post-processing (dense CRF, blur); 0 or 1: none, "
+                          "the main process does it (default %(default)s)")
+    run.add_argument("--heartbeat", type=positive_int, default=30,
                      help="seconds between a running trial's heartbeats (every storage); a trial silent "
                           "for 3 heartbeats is failed and retried (default %(default)s)")
 
@@ -69,11 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--study", required=True)
     _storage_arg(export)
     export.add_argument("-o", "--output", help="file to write (default: standard output)")
+    export.add_argument("--force", action="store_true",
+                        help="write the choice even when the confidence check finds it not reliably "
+                             "better than the default config")
+    export.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                        help="where the confidence check runs when the study has not stored it")
+    export.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
+    export.add_argument("--data-root", default=os.environ.get("OVSS_DATA"),
+                        help="dataset directory, for a confidence check the study has not stored")
 
     show = sub.add_parser("show", help="a table of a study's top trials")
     show.add_argument("--study", required=True)
     _storage_arg(show)
-    show.add_argument("--top", type=int, default=10)
+    show.add_argument("--top", type=positive_int, default=10, help="trials listed (default %(default)s)")
 
     studies = sub.add_parser("studies", help="list the studies in a storage")
     _storage_arg(studies)
@@ -88,15 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--data-root", default=os.environ.get("OVSS_DATA"),
                     help="dataset directory (default: $OVSS_DATA)")
-    ev.add_argument("--split", default="val")
-    ev.add_argument("--images", type=int, help="evaluate a seeded subset of this many images")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--split", help="split to evaluate (default: the part of val the config was not "
+                                    "tuned on, as its provenance says: val:eval after val:tune; else val)")
+    ev.add_argument("--images", type=positive_int,
+                    help="evaluate a seeded subset of this many images (default: every image of the split)")
+    ev.add_argument("--seed", type=non_negative_int, default=0, help="seed of that subset (default 0)")
     ev.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     ev.add_argument("--cache-dir", default="runs/cache", help="map cache directory")
     ev.add_argument("--batch-size", type=parse_batch_size, default="auto",
                     help="images per model batch, or auto (default)")
     ev.add_argument("-o", "--output", default="eval.json", help="JSON file (default %(default)s)")
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
 
     seg = sub.add_parser("segment", help="segment images with an exported config")
     seg.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
@@ -131,21 +168,80 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 143 if type(err).__name__ == "Terminated" else 130
     except (SpecError, ValueError, OSError, KeyError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        Console(stderr=True, highlight=False).print(f"[red]error:[/] {message}", soft_wrap=True)
+        _print_error(_storage_full_message(err, args) or _one_line(err))
         return 2
+    except Exception as err:  # a bug or an unforeseen library error: one line, traceback on request
+        if os.environ.get("OVSS_DEBUG"):
+            raise
+        full = _storage_full_message(err, args)
+        if full:
+            _print_error(full)
+            return 2
+        _print_error(f"{type(err).__name__}: {_one_line(err)} (unexpected; set OVSS_DEBUG=1 for the "
+                     "traceback and report it)")
+        return 1
+
+
+#: longest error line printed; longer messages (a value echoed back) are cut
+MAX_ERROR_CHARS = 400
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _print_error(message: str) -> None:
+    Console(stderr=True, highlight=False).print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def _storage_full_message(err: BaseException, args) -> str | None:
+    """The one-line error for a full disk (ENOSPC, SQLite's "database or disk is full")."""
+    import errno
+
+    chain, seen = [], err
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        text = str(e).lower()
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text \
+                or "no space left" in text:
+            where = getattr(args, "storage", None)
+            return (f"no space left on the device ({_one_line(e)}){f' of storage {where}' if where else ''}: "
+                    "free space, then rerun the same command; finished trials are kept")
+    return None
 
 
 # --- commands ---------------------------------------------------------------------------------------
 def cmd_run(args, console: Console) -> int:
-    from .spec import builtin_spec_path, load_spec
+    from .cache import MapCache
+    from .spec import RESERVED_OPTIONS, builtin_spec_path, load_spec, option_problem
     from .study import RunOptions, StudyRunner, sigterm_as_interrupt
 
+    cpus = os.cpu_count() or 1
+    if args.workers > cpus:
+        raise ValueError(f"--workers {args.workers} is more than the {cpus} CPUs here: each worker "
+                         f"process holds a copy of the post-processing; use at most {cpus}")
     spec = load_spec(args.study_file or builtin_spec_path(args.dataset or DEFAULT_DATASET))
+    if not args.no_cache:
+        MapCache(args.cache_dir)  # a cache directory that cannot be written fails now, not in a trial
     if args.dataset and args.study_file:
         spec = spec.replace(dataset=args.dataset)
-    if args.objective:
-        spec = spec.replace(objective=args.objective)
+    if args.objective and args.objective != spec.objective:
+        from objectives._base import objective_class
+
+        cls = objective_class(args.objective)
+        kept = {k: v for k, v in spec.objective_options.items()
+                if not option_problem(cls, {k: v}, RESERVED_OPTIONS["objective"])}
+        dropped = sorted(set(spec.objective_options) - set(kept))
+        if dropped:
+            console.print(f"note: objective {args.objective} takes no {', '.join(dropped)}: {spec.source}'s "
+                          f"objective_options for {spec.objective} are left out", highlight=False)
+        spec = spec.replace(objective=args.objective, objective_options=kept)
     if args.model:
         spec = spec.replace(fixed=spec.fixed.replace(model=args.model))
     if args.clip_model:
@@ -158,8 +254,6 @@ def cmd_run(args, console: Console) -> int:
         data_root=args.data_root, progress=not args.no_progress, heartbeat=args.heartbeat,
         workers=args.workers, strict=args.strict,
     )
-    if options.trials is not None and options.trials < 1:
-        raise ValueError("--trials must be at least 1")
     with sigterm_as_interrupt():  # a scheduler's or `timeout`'s SIGTERM ends the trial like Ctrl-C
         runner = StudyRunner(spec, options)
         try:  # the worker processes stay up for the default config's evaluation in the report
@@ -179,53 +273,86 @@ def cmd_run(args, console: Console) -> int:
     return 0
 
 
+def _values_text(trial) -> str:
+    return ", ".join(f"{v:.4f}" for v in trial.values) if len(trial.values) > 1 else f"{trial.value:.4f}"
+
+
 def _print_best(study, console: Console, runner=None) -> None:
     from segmenter import SegmenterConfig
 
-    from .study import best_trial
+    from .confidence import verdict
+    from .selection import choose
 
     try:
-        best = best_trial(study)
+        choice = choose(study)
     except ValueError:
         console.print("no completed trial yet")
         return
+    best = choice.trial
     config = SegmenterConfig.from_dict(best.user_attrs["config"])
     miou = best.user_attrs.get("miou")
-    line = f"best trial #{best.number}: objective {best.value:.4f}"
+    line = f"best trial #{best.number}: objective {_values_text(best)}"
     if miou is not None:
         line += f", mIoU {miou:.4f} (labels used only to report this)"
     console.print(config.to_yaml(), highlight=False, markup=False)
     console.print(line)
-    if runner is not None and miou is not None:
-        default = runner.default_outcome()
-        if default is not None:
-            console.print(f"default config ({runner.spec.source}'s fixed settings): objective "
-                          f"{default.value:.4f}, mIoU {default.metrics['miou']:.4f}")
+    console.print(f"choice: {choice.describe()}", highlight=False)
+    if runner is None:
+        return
+    default = runner.default_outcome()
+    if default is not None:
+        text = f"default config ({runner.spec.source}'s fixed settings): objective {default.value:.4f}"
+        if default.metrics:
+            text += f", mIoU {default.metrics['miou']:.4f}"
+        console.print(text)
+    check = runner.confidence(choice)
+    colour = "green" if check.get("reliably_better") or check.get("same_as_default") else "yellow"
+    console.print(f"[{colour}]confidence check:[/] {verdict(check)}", highlight=False)
 
 
 def cmd_export(args, console: Console) -> int:
     from segmenter import SegmenterConfig
 
-    from .study import best_trial, load_study
+    from .confidence import ensure_check, verdict
+    from .outputs import writable_file, write_text_atomic
+    from .selection import choose
+    from .study import load_study
 
     study = load_study(args.storage, args.study)
-    try:
-        best = best_trial(study)
-    except ValueError:
-        raise ValueError(f"study {args.study!r} has no completed trial yet: run it first") from None
+    choice = choose(study)
+    best = choice.trial
+    output = writable_file(args.output, "the exported config") if args.output else None  # before any work
+    check = ensure_check(study, choice, device=None if args.device == "auto" else args.device,
+                         cache_dir=args.cache_dir, data_root=args.data_root)
     config = SegmenterConfig.from_dict(best.user_attrs["config"])
     provenance = {
-        "study": study.study_name, "trial": best.number, "value": best.value,
+        "study": study.study_name, "trial": best.number,
+        "value": best.value if len(best.values) == 1 else list(best.values),
         "objective": study.user_attrs.get("objective"), "dataset": study.user_attrs.get("dataset"),
         "tuning_split": study.user_attrs.get("tuning_split"),
+        "tuning_ids": study.user_attrs.get("tuning_ids"),
+        "dataset_options": study.user_attrs.get("dataset_options") or None,
         "labels_touched": study.user_attrs.get("labels_touched"),
         "miou": best.user_attrs.get("miou"), "package_version": study.user_attrs.get("package_version"),
+        "choice": choice.summary(),
+        "confidence_check": {k: check.get(k) for k in ("reliably_better", "p_value", "effect", "images",
+                                                       "optimistic", "mean_difference") if k in check},
     }
+    fallback = check.get("reliably_better") is False and not check.get("same_as_default") and not args.force
+    console_err = Console(stderr=True, highlight=False)
+    if fallback:
+        config = SegmenterConfig.from_dict(study.user_attrs["fixed"])
+        provenance["exported"] = "default config: the choice is not reliably better (use --force for it)"
+        console_err.print(f"[yellow]{verdict(check)}[/]", soft_wrap=True)
+        console_err.print(f"[yellow]wrote the default config instead of trial #{best.number}; "
+                          "`tune export --force` writes the choice anyway[/]", soft_wrap=True)
+    elif check.get("reliably_better") is False and args.force and not check.get("same_as_default"):
+        provenance["exported"] = "the choice, forced (--force) although not reliably better"
     text = config.to_yaml(provenance={k: v for k, v in provenance.items() if v is not None})
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
-        console.print(f"wrote {args.output} (trial #{best.number}, objective {best.value:.4f})")
+    if output is not None:
+        write_text_atomic(output, text)
+        what = "the default config" if fallback else f"trial #{best.number}, objective {_values_text(best)}"
+        console.print(f"wrote {output} ({what})")
     else:
         sys.stdout.write(text)
     return 0
@@ -234,29 +361,39 @@ def cmd_export(args, console: Console) -> int:
 def cmd_show(args, console: Console) -> int:
     from optuna.trial import TrialState
 
+    from .selection import choose, distinct_complete
     from .study import is_repeat, load_study
 
     study = load_study(args.storage, args.study)
     trials = [t for t in study.get_trials(deepcopy=False) if not is_repeat(t)]
-    repeats = len(study.trials) - len(trials)
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+    done = sorted(distinct_complete(study), key=lambda t: tuple(-v for v in t.values))
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-    counts["repeats (not shown)"] = repeats
+    counts["repeats (not shown)"] = len(study.trials) - len(trials)
     table = Table(title=f"{study.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    choice = choose(study) if done else None
     for col in ("trial", "objective", "mIoU", "params"):
         table.add_column(col, justify="right" if col != "params" else "left")
     for t in done[: args.top]:
         miou = t.user_attrs.get("miou")
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
-        table.add_row(str(t.number), f"{t.value:.4f}", "-" if miou is None else f"{miou:.4f}", params)
+        mark = " *" if choice is not None and t.number == choice.trial.number else ""
+        table.add_row(f"{t.number}{mark}", _values_text(t), "-" if miou is None else f"{miou:.4f}", params)
     console.print(table)
+    if choice is not None:
+        console.print(f"* the study's answer: {choice.describe()}", highlight=False)
+        check = study.user_attrs.get("confidence_check")
+        if check and check.get("trial") == choice.trial.number:
+            from .confidence import verdict
+
+            console.print(f"confidence check: {verdict(check)}", highlight=False)
     return 0
 
 
 def cmd_studies(args, console: Console) -> int:
     import optuna
 
-    from .study import best_trial, distinct_trials, open_storage
+    from .selection import choose
+    from .study import distinct_trials, open_storage
 
     storage = open_storage(args.storage)
     summaries = optuna.get_all_study_summaries(storage)
@@ -266,7 +403,10 @@ def cmd_studies(args, console: Console) -> int:
     for s in summaries:
         study = optuna.load_study(study_name=s.study_name, storage=storage)
         finished = len(distinct_trials(study))
-        best = "-" if s.best_trial is None else f"{best_trial(study).value:.4f}"
+        try:
+            best = _values_text(choose(study).trial)
+        except ValueError:
+            best = "-"
         table.add_row(s.study_name, str(s.user_attrs.get("dataset", "?")),
                       str(s.user_attrs.get("objective", "?")), str(finished), best)
     console.print(table)
@@ -299,37 +439,105 @@ def cmd_data(args, console: Console) -> int:
 
 def cmd_eval(args, console: Console) -> int:
     import json
+    import warnings
 
     from rich.progress import Progress
 
     from segmenter import SegmenterConfig
+    from segmenter.config import read_provenance
 
+    from .cache import MapCache
     from .datasets import load_dataset
     from .evaluate import evaluate_config
+    from .outputs import writable_file, write_text_atomic
 
     config = SegmenterConfig.from_yaml(Path(args.config))
-    dataset = load_dataset(args.dataset, **({"root": args.data_root} if args.data_root else {}))
-    dataset.check_split(args.split)
-    total = min(args.images or len(dataset.ids(args.split)), len(dataset.ids(args.split)))
-    with Progress(console=Console(stderr=True), disable=args.no_progress) as progress:
-        task = progress.add_task(f"evaluating on {args.dataset}/{args.split}", total=total)
+    provenance = read_provenance(Path(args.config))
+    writable_file(args.output, "-o/--output file")  # before any image is evaluated
+    MapCache(args.cache_dir)  # a cache directory that cannot be written fails before the evaluation
+    same_dataset = provenance.get("dataset") == args.dataset
+    options = _partition_options(provenance) if same_dataset else {}
+    dataset = load_dataset(args.dataset, **options, **({"root": args.data_root} if args.data_root else {}))
+    split, note = _eval_split(dataset, args.split, provenance if same_dataset else {})
+    dataset.check_split(split)
+    if note:
+        console.print(note, highlight=False)
+    total = min(args.images or len(dataset.ids(split)), len(dataset.ids(split)))
+    with Progress(console=Console(stderr=True), disable=args.no_progress) as progress, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped images are listed below
+        task = progress.add_task(f"evaluating on {args.dataset}/{split}", total=total)
         result = evaluate_config(
-            config, dataset, args.split, images=args.images, seed=args.seed,
+            config, dataset, split, images=args.images, seed=args.seed,
             device=None if args.device == "auto" else args.device, cache_dir=args.cache_dir,
             batch_size=args.batch_size, on_image=lambda n: progress.update(task, completed=n),
+            strict=args.strict,
         )
     result["config"] = str(args.config)
-    table = Table(title=f"{args.config} on {args.dataset}/{args.split} ({result['images']} images)")
+    seen = _tuning_images_evaluated(dataset, split, result, provenance if same_dataset else {})
+    if seen is not None:
+        result["tuning_images_evaluated"] = seen[0]
+    table = Table(title=f"{args.config} on {args.dataset}/{split} ({result['images']} images)")
     table.add_column("class")
     table.add_column("IoU", justify="right")
     for name, iou in result["iou_per_class"].items():
         table.add_row(name, "-" if iou is None else f"{iou:.4f}")
     console.print(table)
     console.print(f"mIoU {result['miou']:.4f}   pixel accuracy {result['pixel_accuracy']:.4f}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2))
+    for item in result["skipped"]:
+        console.print(f"[yellow]skipped[/] corrupt image {item['id']}: {item['reason']}", highlight=False,
+                      soft_wrap=True)
+    if result["skipped"]:
+        console.print(f"{len(result['skipped'])} corrupt images skipped, {result['images']} scored")
+    if seen is not None and seen[0]:
+        console.print(f"[yellow]warning:[/] {seen[0]} of the {result['images']} evaluated images {seen[1]}: "
+                      f"this mIoU is not on held-out images (omit --split for the disjoint part)",
+                      highlight=False, soft_wrap=True)
+    write_text_atomic(args.output, json.dumps(result, indent=2))
     console.print(f"wrote {args.output}")
     return 0
+
+
+def _partition_options(provenance: dict) -> dict:
+    """The held-out partition's settings the study used (split_seed, tune_fraction), as numbers."""
+    import yaml
+
+    recorded = provenance.get("dataset_options") or {}
+    return {k: yaml.safe_load(str(recorded[k])) for k in ("split_seed", "tune_fraction") if k in recorded}
+
+
+def _eval_split(dataset, requested: str | None, provenance: dict) -> tuple[str, str]:
+    """(split to evaluate, a note saying why it was chosen, or "")."""
+    from .datasets import split_parts
+
+    tuned = provenance.get("tuning_split")
+    if requested is not None:
+        return requested, ""
+    base = "val" if "val" in dataset.splits or not dataset.splits else dataset.splits[0]
+    if tuned and split_parts(tuned)[1] == "tune" and split_parts(tuned)[0] == base:
+        return f"{base}:eval", (f"evaluating {base}:eval: the config was tuned on {tuned}, the other part of "
+                                f"{base} (pass --split {base} to include the tuning images)")
+    return base, ""
+
+
+def _tuning_images_evaluated(dataset, split: str, result: dict, provenance: dict) -> tuple[int, str] | None:
+    """(how many evaluated images the config was tuned on, how that is known), or None when
+    the config's provenance names no tuning split of this dataset."""
+    from .datasets import split_parts
+    from .study import pick_tuning_ids
+
+    tuned = provenance.get("tuning_split")
+    if not tuned:
+        return None
+    skipped = {item["id"] for item in result["skipped"]}
+    images = result.get("images_requested")
+    evaluated = pick_tuning_ids(dataset, split, images, result["seed"]) if images else dataset.ids(split)
+    evaluated = set(evaluated) - skipped
+    if provenance.get("tuning_ids"):
+        return len(evaluated & set(provenance["tuning_ids"])), f"are tuning images of the config ({tuned})"
+    if split_parts(tuned)[0] not in dataset.splits:
+        return 0, ""
+    return len(evaluated & set(dataset.ids(tuned))), f"lie in {tuned}, the part the config was tuned on"
 
 
 def cmd_segment(args, console: Console) -> int:
@@ -337,18 +545,22 @@ def cmd_segment(args, console: Console) -> int:
 
     from segmenter import Segmenter, SegmenterConfig
 
-    from .apply import iter_image_paths, read_class_list, segment_paths
+    from .apply import plan_outputs, read_class_list, segment_paths
+    from .outputs import writable_dir
 
     names = read_class_list(args.classes, args.classes_file)
     config = SegmenterConfig.from_yaml(Path(args.config))
-    total = sum(1 for _ in iter_image_paths(args.inputs))
+    total = len(plan_outputs(args.inputs))
+    writable_dir(args.out, "--out directory")  # before the model loads
     segmenter = Segmenter(config, device=None if args.device == "auto" else args.device,
                           batch_size=args.batch_size)
     with Progress(console=Console(stderr=True), disable=args.no_progress) as progress:
         task = progress.add_task("segmenting", total=total)
         report = segment_paths(segmenter, names, args.inputs, args.out, save_maps=args.save_maps,
                                progress=lambda: progress.advance(task))
-    console.print(f"wrote {len(report.written)} label maps and overlays to {args.out}")
+    on_disk = sum(1 for path in report.outputs if path.is_file())
+    console.print(f"wrote {on_disk} label maps and overlays to {args.out} (named as the inputs, "
+                  "input tree mirrored)", highlight=False)
     for path, reason in report.failed:
         console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
     return 1 if report.failed and not report.written else 0

@@ -12,11 +12,12 @@ import os
 import warnings
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn
 from rich.text import Text
+
+from segmenter.yaml_input import YamlInputError, load_yaml
 
 SAMPLES_READ = 4  # samples decoded per split by `tune data check`
 
@@ -35,8 +36,9 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                        help="dataset directory, or a data directory holding it (default: $OVSS_DATA)")
     check.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="a dataset option, e.g. source=instances (repeatable)")
-    check.add_argument("--read", type=int, default=SAMPLES_READ, metavar="N",
-                       help="decode the first N samples of each split (default %(default)s)")
+    check.add_argument("--read", type=_read_count, default=SAMPLES_READ, metavar="N|all",
+                       help="decode the first N samples of each split, or all of them, checking "
+                            "images and label values (default %(default)s)")
     check.set_defaults(data_handler=cmd_data_check)
 
     fetch = actions.add_parser("download", help="download, verify and extract a benchmark")
@@ -46,6 +48,9 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     fetch.add_argument("--manifest", default=os.environ.get(MANIFEST_ENV),
                        help=f"JSON file replacing the built-in URLs and checksums (default: ${MANIFEST_ENV})")
     fetch.add_argument("--delete-archives", action="store_true", help="remove archives once extracted")
+    fetch.add_argument("--allow-unverified", action="store_true",
+                       help="accept an archive no checksum is known for (its sha256 is printed before it "
+                            "is extracted); without it such an archive is refused")
     fetch.add_argument("--no-progress", action="store_true", help="no progress bars")
     fetch.set_defaults(data_handler=cmd_data_download)
     return data
@@ -65,8 +70,8 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"dataset option {item!r} is not KEY=VALUE")
         try:
-            options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
+            options[key.strip()] = load_yaml(value, f"--option {key.strip()}") if value.strip() else ""
+        except YamlInputError:
             options[key.strip()] = value
     return options
 
@@ -132,25 +137,48 @@ def cmd_data_check(args: argparse.Namespace, console: Console | None = None) -> 
     return 0
 
 
-def _read_samples(dataset, count: int) -> list[str]:
-    """Decode the first `count` samples of each split; one line per problem found."""
-    from .datasets import iter_samples
+def _read_count(text: str) -> int | None:
+    """--read: a count of samples, or "all" (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--read takes a number of samples or all, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("--read must be 0 or more (or all)")
+    return value
+
+
+#: problems listed per split before the rest are counted
+PROBLEMS_SHOWN = 5
+
+
+def _read_samples(dataset, count: int | None) -> list[str]:
+    """Decode the first `count` samples (None: all) of each split, images and label values
+    alike; one line per problem (a file's name, and for labels each bad value and its count)."""
+    from .datasets import CorruptImage, LabelValueError
 
     problems = []
-    for split in dataset.splits if count > 0 else ():
+    for split in dataset.splits if count != 0 else ():
         ids = dataset.ids(split)
         if hasattr(dataset, "label_exists"):  # missing annotations are reported by the survey
             ids = [i for i in ids if dataset.label_exists(split, i)]
-        stream = iter_samples(dataset, split, ids[:count])
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for _ in stream:
-                    pass
-        except (OSError, ValueError) as err:
-            problems.append(f"split {split}: {str(err).splitlines()[0]}")
-            continue
-        problems += [f"split {split}: unreadable sample {sid}: {why}" for sid, why in stream.skipped]
+        found: list[str] = []
+        for sample_id in ids if count is None else ids[:count]:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    dataset.load(split, sample_id)
+            except CorruptImage as err:
+                found.append(f"split {split}: unreadable sample {sample_id}: {err}")
+            except LabelValueError as err:
+                found.append(f"split {split}: {err}")
+            except (OSError, ValueError) as err:
+                found.append(f"split {split}: {str(err).splitlines()[0]}")
+        problems += found[:PROBLEMS_SHOWN]
+        if len(found) > PROBLEMS_SHOWN:
+            problems.append(f"split {split}: {len(found) - PROBLEMS_SHOWN} more samples with problems")
     return problems
 
 
@@ -185,14 +213,20 @@ def cmd_data_download(args: argparse.Namespace, console: Console | None = None) 
             tasks[key] = progress.add_task(f"{verb} {name}", total=total, unit=kind)
         progress.update(tasks[key], completed=done, total=total)
 
+    say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+
+    def unverified(name: str, sha256: str) -> None:  # said before the archive is extracted
+        say(f"warning: no checksum is known for {name}; extracting it unverified (--allow-unverified); "
+            f"its sha256 is {sha256} (pin it in a --manifest)")
+
     with progress:
         report = fetch_dataset(
             args.dataset, args.data_root, args.manifest,
             on_download=lambda n, d, t: update("bytes", n, d, t),
             on_extract=lambda n, d, t: update("files", n, d, t),
             delete_archives=bool(getattr(args, "delete_archives", False)),
+            allow_unverified=bool(getattr(args, "allow_unverified", False)), on_unverified=unverified,
         )
-    say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     for name in report.downloaded:
         say(f"downloaded {name}")
     for name in report.resumed:
@@ -201,8 +235,6 @@ def cmd_data_download(args: argparse.Namespace, console: Console | None = None) 
         say(f"{name}: already extracted")
     for name, files in report.extracted.items():
         say(f"extracted {files} files from {name}")
-    for name, sha256 in report.unverified.items():
-        say(f"warning: no checksum is known for {name}; its sha256 is {sha256} (pin it in a --manifest)")
     say(f"{args.dataset} is in {report.directory}: check it with "
         f"`tune data check --dataset {args.dataset} --data-root {report.directory}`")
     return 0

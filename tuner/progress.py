@@ -35,9 +35,11 @@ class StudyProgress:
         self.progress.__exit__(*exc)
 
     def _trials_text(self) -> str:
+        study = self.runner.study
         try:
-            best = self.runner.study.best_value
-            return f"trials (best {best:.4g})"
+            if len(study.directions) > 1:
+                return f"trials (Pareto front {len(study.best_trials)})"
+            return f"trials (best {study.best_value:.4g})"
         except ValueError:
             return "trials"
 

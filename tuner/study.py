@@ -254,14 +254,6 @@ def distinct_trials(study: optuna.Study, states=FINISHED) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=states) if not is_repeat(t)]
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial:
-    """`study.best_trial`, never a repeat (a repeat names the trial that evaluated its config)."""
-    best = study.best_trial
-    if is_repeat(best):
-        best = study.trials[best.user_attrs["repeat_of"]]
-    return best
-
-
 ENUMERATE_LIMIT = 20_000  # grid points; a larger search space counts as unbounded
 
 
@@ -317,6 +309,8 @@ def study_definition(spec: StudySpec) -> dict[str, Any]:
         "dataset_options": {k: v for k, v in spec.dataset_options.items() if k != "root"},
         "fixed": spec.fixed.to_dict(),
         "search_space": [dataclasses.asdict(p) for p in spec.search_space],
+        "objectives": [list(o) for o in spec.objectives],  # a multi-objective study's objectives
+        "tie_break": [spec.tie_break, spec.tie_break_options],
     }
     return json.loads(json.dumps(raw, sort_keys=True, default=str))
 
@@ -412,7 +406,8 @@ class StudyRunner:
                                     device=options.device)
         self._check_space_against_model()
         self.objective = get_objective(spec.objective, device=str(self.backend.device),
-                                       **spec.objective_options)
+                                       backend=self.backend, **spec.objective_options)
+        self.extra_objectives = self._extra_objectives()
         self.cache = MapCache(options.cache_dir)
         self.batch_size = resolve_batch_size(options.batch_size, self.backend, spec.fixed.image_size)
         self.provider = MapProvider(self.backend, self.cache, self.batch_size)
@@ -422,14 +417,16 @@ class StudyRunner:
             CandidatePicker(self.dataset.vocabulary, self.backend, getattr(self.objective, "clip", None)),
             batch_size=self.batch_size, pool=self._make_pool(options.workers),
             report="instance" if spec.pruner.get("type", "wilcoxon") == "wilcoxon" else "mean",
+            extra=self.extra_objectives,
         )
         self._record_study_attrs()
 
     # -- setup -------------------------------------------------------------------------------------
     def _create_study(self) -> optuna.Study:
+        directions = ["maximize"] * max(len(self.spec.objectives), 1)
         return optuna.create_study(
             storage=self.storage, study_name=self.name, load_if_exists=True,
-            direction="maximize", pruner=self.spec.make_pruner(),
+            directions=directions, pruner=self.spec.make_pruner(),
             sampler=TrialSeededSampler(self.spec.make_sampler, self.seed, self._unevaluated),
         )
 
@@ -455,6 +452,24 @@ class StudyRunner:
                              "not be comparable; use a new --study name")
         if "definition" not in attrs:
             self.study.set_user_attr("definition", study_definition(self.spec))
+
+    def _extra_objectives(self) -> dict:
+        """The other objectives of a multi-objective study, and the tie-break objective, by name."""
+        device, out = str(self.backend.device), {}
+        clip = getattr(self.objective, "clip", None)
+        named = list(self.spec.objectives[1:])
+        if self.spec.tie_break:
+            named.append((self.spec.tie_break, self.spec.tie_break_options))
+        for name, options in named:
+            if name in out or (name == self.spec.objective and options == self.spec.objective_options):
+                continue
+            shared = {"clip": clip} if clip is not None and "clip_model" not in options and \
+                name.startswith("clip_") else {}
+            out[name] = get_objective(name, device=device, backend=self.backend, **options, **shared)
+        for objective in (self.objective, *out.values()):
+            if getattr(objective, "direction", "maximize") != "maximize":
+                raise ValueError(f"objective {objective.name!r} minimises: studies maximise their objectives")
+        return out
 
     @staticmethod
     def _make_pool(workers: int):
@@ -522,6 +537,10 @@ class StudyRunner:
                 **{k: str(v) for k, v in self.spec.objective_options.items()},
             },
             "objective_options": dict(self.spec.objective_options),
+            "objectives": [name for name, _ in self.spec.objectives] or [self.spec.objective],
+            "objectives_options": {name: options for name, options in self.spec.objectives},
+            "tie_break": self.spec.tie_break,
+            "tie_break_options": dict(self.spec.tie_break_options),
             "spec": self.spec.source,
             "fixed": fixed.to_dict(),
         }
@@ -549,10 +568,11 @@ class StudyRunner:
                 for step, value in earlier.intermediate_values.items():
                     trial.report(value, step)
                 raise optuna.TrialPruned(f"repeats trial {earlier.number}, which was pruned")
-            return float(earlier.value)
+            return tuple(earlier.values) if len(earlier.values) > 1 else float(earlier.value)
         trial.set_user_attr("labels_used", "image-level" if config.uses_image_labels else "none")
+        multi = len(self.spec.objectives) > 1
         with self._interruptible():
-            outcome = self.runner.evaluate(config, trial, on_image=on_image)
+            outcome = self.runner.evaluate(config, None if multi else trial, on_image=on_image)
         values = np.asarray(outcome.per_image, dtype=np.float64)
         defined = values[np.isfinite(values)]
         trial.set_user_attr("objective_per_image", [float(v) for v in outcome.per_image])
@@ -571,10 +591,19 @@ class StudyRunner:
             trial.set_user_attr("miou", outcome.metrics["miou"])
             trial.set_user_attr("pixel_accuracy", outcome.metrics["pixel_accuracy"])
             trial.set_user_attr("iou_per_class", outcome.metrics["iou_per_class"])
+        if outcome.extra:
+            trial.set_user_attr("extra_objectives_per_image", outcome.extra)
+        if self.spec.tie_break and self.spec.tie_break in outcome.extra:
+            trial.set_user_attr("tie_break_value", float(np.mean(outcome.extra[self.spec.tie_break])))
+        elif self.spec.tie_break:  # the tie-break objective is the study's own
+            trial.set_user_attr("tie_break_value", outcome.value)
         # another worker may have finished the same config meanwhile: the earlier one counts
         earlier = self._evaluated(digest, trial.number)
         if earlier is not None:
             trial.set_user_attr("repeat_of", earlier.number)
+        if multi:
+            rest = [float(np.mean(outcome.extra[name])) for name, _ in self.spec.objectives[1:]]
+            return (outcome.value, *rest)
         return outcome.value
 
     def _evaluated(self, digest: str, number: int) -> FrozenTrial | None:
@@ -698,9 +727,53 @@ class StudyRunner:
             return None
         if attr not in self.study.user_attrs:
             outcome = self.runner.evaluate(self.spec.fixed)
-            self.study.set_user_attr(attr, {"value": outcome.value, "metrics": outcome.metrics})
+            self.study.set_user_attr(attr, {"value": outcome.value, "metrics": outcome.metrics,
+                                            "per_image": [float(v) for v in outcome.per_image]})
         stored = self.study.user_attrs[attr]
         return SimpleNamespace(value=stored["value"], metrics=stored["metrics"])
+
+    # -- the label-free confidence check ------------------------------------------------------------
+    def check_images(self) -> tuple[list[TuningImage], bool]:
+        """Check images (tuner.confidence): a seeded sample of the tuning split outside the tuning
+        images, as many as those, recorded in the study; (images, optimistic)."""
+        from .confidence import pick_check_ids
+
+        ids = self.study.user_attrs.get("check_ids")
+        if ids is None:
+            tuning = self.study.user_attrs.get("tuning_ids") or self.tuning_ids
+            ids = pick_check_ids(self.dataset.ids(self.tuning_split), tuning, self.seed)
+            self.study.set_user_attr("check_ids", ids)
+        if not ids:  # nothing beside the tuning images: check on them, and say it is optimistic
+            return self.images, True
+        stream = iter_samples(self.dataset, self.tuning_split, ids, strict=self.options.strict)
+        images = [TuningImage(sample, image_digest(sample.image)) for sample in stream]
+        return (images, False) if images else (self.images, True)
+
+    def confidence(self, choice) -> dict:
+        """The confidence check of `choice` (a tuner.selection.Choice), stored in the study."""
+        from .confidence import check_choice
+
+        stored = self.study.user_attrs.get("confidence_check")
+        if stored and stored.get("trial") == choice.trial.number:
+            return stored
+        fixed = self.spec.fixed
+        try:
+            self.backend.check_layer_heads(fixed.layer, fixed.heads)
+        except ValueError as err:
+            record = {"trial": choice.trial.number, "reliably_better": None,
+                      "unavailable": f"the default config is not valid here ({err})"}
+        else:
+            images, optimistic = self.check_images()
+            runner = TrialRunner(self.dataset, images, self.provider, self.objective, self.runner.candidates,
+                                 batch_size=self.batch_size)
+            chosen = SegmenterConfig.from_dict(choice.trial.user_attrs["config"])
+            record = check_choice(
+                chosen, fixed, lambda config: runner.evaluate(config).per_image,
+                check_ids=[im.sample.id for im in images], optimistic=optimistic,
+                trial=choice.trial.number, same=config_hash(chosen) == config_hash(fixed),
+            )
+        self.study.set_user_attr("confidence_check", record)
+        return record
 
     def _check_not_surplus(self, trial: optuna.Trial) -> None:
         """Fail a trial that racing workers started beyond `trials` (the lowest numbers win)."""

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import optuna
 
-from objectives import Objective, ScoreInput, confusion_matrix, miou, num_label_classes, to_class_ids
+from objectives import VIEWS, Objective, ScoreInput, confusion_matrix, miou, num_label_classes, to_class_ids
 from segmenter import Backend, SegmenterConfig, build_prompt, postprocess, salience_dropout
+from segmenter.images import image_digest
 
 from .cache import MapCache, cache_key
 from .datasets import Dataset, Sample
@@ -27,6 +28,36 @@ class TuningImage:
 
     sample: Sample
     digest: str
+    _views: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def view(self, name: str) -> TuningImage:
+        """The image under a view transform (objectives.VIEWS), made once; no labels."""
+        if name not in self._views:
+            if name != "hflip":
+                raise ValueError(f"unknown view {name!r}: the tuner can make {', '.join(VIEWS)}")
+            image = np.ascontiguousarray(self.sample.image[:, ::-1])
+            sample = Sample(id=f"{self.sample.id}#{name}", image=image, labels=None,
+                            image_classes=self.sample.image_classes)
+            self._views[name] = TuningImage(sample, image_digest(image))
+        return self._views[name]
+
+
+def view_label_maps(
+    views: Sequence[str], config: SegmenterConfig, batch: Sequence[TuningImage],
+    candidates: Sequence[Sequence[str]], provider: MapProvider,
+) -> list[dict[str, np.ndarray]]:
+    """Per image the label map of each view, mapped back onto the image. # each [H, W]
+
+    The view's maps come through the map cache like the image's own, with the same candidates.
+    """
+    out: list[dict[str, np.ndarray]] = [{} for _ in batch]
+    for view in views:
+        shown = [im.view(view) for im in batch]
+        maps = provider.maps(config, shown, candidates)
+        for row, im, m in zip(out, shown, maps):
+            label_map = postprocess(im.sample.image, m, config, provider.backend.device)
+            row[view] = np.ascontiguousarray(label_map[:, ::-1])  # hflip is its own inverse
+    return out
 
 
 @dataclass
@@ -35,6 +66,7 @@ class TrialOutcome:
     per_image: list[float]  # NaN where the objective is undefined on an image
     confusion: np.ndarray | None = None
     metrics: dict = field(default_factory=dict)  # miou, pixel_accuracy, iou per class
+    extra: dict[str, list[float]] = field(default_factory=dict)  # per image, by extra objective
 
 
 class MapProvider:
@@ -43,16 +75,19 @@ class MapProvider:
     def __init__(self, backend: Backend, cache: MapCache, batch_size: int = 8) -> None:
         self.backend, self.cache, self.batch_size = backend, cache, batch_size
         self.model_runs = 0  # batches sent to the backend
+        self.weights = weights_fingerprint(backend.model_id) if cache.enabled else None
 
     def _key(self, config: SegmenterConfig, digest: str, candidates: Sequence[str]) -> str:
         parts = dict(
             backend=config.backend, model=self.backend.model_id, revision=self.backend.revision,
-            image=digest, image_size=config.image_size, candidates=list(candidates),
-            prompt=config.prompt_prefix, layer=config.layer,
+            weights=self.weights, image=digest, image_size=config.image_size,
+            candidates=list(candidates), prompt=config.prompt_prefix, layer=config.layer,
         )
-        if config.dropout_rounds > 1:  # dropped patches depend on the heads and the schedule
+        if config.dropout_rounds > 1:  # dropped patches depend on the heads and the schedule,
+            # and the stored sum weighs the first round by the double-count flag
             parts.update(heads=list(config.heads), schedule=config.dropout_schedule,
-                         rounds=config.dropout_rounds, k=config.dropout_k)
+                         rounds=config.dropout_rounds, k=config.dropout_k,
+                         first_twice=config.dropout_count_first_twice)
         return cache_key(**parts)
 
     def maps(
@@ -85,6 +120,21 @@ class MapProvider:
                     array = 2.0 * array
             out.append(array.astype(np.float32))
         return out
+
+
+def weights_fingerprint(model: str) -> list | None:
+    """For a checkpoint directory, (name, size, mtime) of its weight and config files, so that maps
+    cached for a directory are not served after its weights were replaced; None for a hub id
+    (its revision is in the key)."""
+    from pathlib import Path
+
+    from segmenter.backends import resolve_model_path
+
+    root = Path(resolve_model_path(model))
+    if not root.is_dir():
+        return None
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 class CandidatePicker:
@@ -129,9 +179,13 @@ class TrialRunner:
         batch_size: int = 8,
         report: str = "instance",
         pool: Executor | None = None,
+        extra: dict[str, Objective] | None = None,
     ) -> None:
         self.dataset, self.images, self.provider = dataset, list(images), provider
         self.objective, self.candidates, self.batch_size = objective, candidates, batch_size
+        #: objectives scored on the same label maps beside the study's (the other objectives of a
+        #: multi-objective study, the tie-break objective): per image in TrialOutcome.extra
+        self.extra = dict(extra or {})
         self.report = report  # "instance": per-image values (Wilcoxon); "mean": running mean
         self.pool = pool  # worker processes for the CPU post-processing (the dense CRF holds the GIL)
 
@@ -159,16 +213,22 @@ class TrialRunner:
         n_eval = num_label_classes(self.dataset.class_names)
         confusion = np.zeros((n_eval, n_eval), dtype=np.int64) if labelled else None
         per_image: list[float] = []
+        extra: dict[str, list[float]] = {name: [] for name in self.extra}
+        scorers = [o for o in (self.objective, *self.extra.values()) if o is not None]
+        views = tuple(dict.fromkeys(v for o in scorers for v in o.views))
+        pixel = any(o.labels == "pixel" for o in scorers)
 
         def finish(start, batch, cands, maps, label_maps) -> None:
             items = []
-            for im, names, m, label_map in zip(batch, cands, maps, label_maps()):
+            seen_views = (view_label_maps(views, config, batch, cands, self.provider) if views
+                          else [None] * len(batch))
+            for im, names, m, label_map, seen in zip(batch, cands, maps, label_maps(), seen_views):
                 items.append(ScoreInput(
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
                     threshold=config.threshold, vocabulary=self.dataset.vocabulary,
                     image_classes=im.sample.image_classes, label_names=self.dataset.class_names,
-                    image_digest=im.digest,
-                    labels=im.sample.labels if self.objective and self.objective.labels == "pixel" else None,
+                    image_digest=im.digest, views=seen,
+                    labels=im.sample.labels if pixel else None,
                 ))
                 if confusion is not None:
                     pred = to_class_ids(label_map, names, self.dataset.class_names)
@@ -178,6 +238,8 @@ class TrialRunner:
                 if on_image is not None:
                     on_image(start + len(batch))
                 return
+            for name, objective in self.extra.items():
+                extra[name].extend(float(v) for v in np.asarray(objective.score(items), dtype=np.float64))
             scores = np.asarray(self.objective.score(items), dtype=np.float64)
             for score in scores:
                 per_image.append(float(score))
@@ -204,7 +266,7 @@ class TrialRunner:
         metrics = {}
         if confusion is not None:
             metrics = _metrics_dict(miou(confusion), self.dataset.class_names)
-        return TrialOutcome(_finite_mean(per_image), per_image, confusion, metrics)
+        return TrialOutcome(_finite_mean(per_image), per_image, confusion, metrics, extra)
 
 
 def _finite_mean(values: Sequence[float]) -> float:

@@ -76,6 +76,47 @@ def load_error(kind: str, model: str, err: Exception) -> OSError:
     )
 
 
+#: model types (config.json `model_type`) and the checkpoints that carry them, for messages
+MODEL_KINDS = {"blip": "a BLIP model (set it as `model`)",
+               "clip": "a CLIP model (set it as `candidates_model` or the objective's `clip_model`)"}
+
+
+def load_pretrained(model_cls, model: str, revision: str | None, *, kind: str, model_type: str,
+                    used: tuple[str, ...]):
+    """`model_cls.from_pretrained` that refuses what would run with random weights.
+
+    `model` is a hub id or directory (`pkg://` resolved). Raises OSError (one line) when it
+    cannot be read, when its config names another `model_type` (a CLIP where a BLIP is asked
+    for, say), or when any weight of the modules in `used` (name prefixes) is missing from the
+    checkpoint or has another shape: transformers would initialise those at random (a BLIP
+    without its ITM head scores at chance) and say so only in a warning.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError, KeyError) as err:
+        raise load_error(kind, model, err) from None
+    found = getattr(config, "model_type", None)
+    if found != model_type:
+        what = MODEL_KINDS.get(found, f"a model of type {found!r}")
+        raise OSError(f"{model!r} holds {what}, not the {kind} asked for here: give a {kind} checkpoint")
+    try:
+        net, info = model_cls.from_pretrained(path, revision=revision, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise load_error(kind, model, err) from None
+    missing = sorted({*info.get("missing_keys", ()), *(k[0] if isinstance(k, tuple) else k
+                                                        for k in info.get("mismatched_keys", ()))})
+    missing = [k for k in missing if k.startswith(used)]
+    if missing:
+        raise OSError(
+            f"{model!r} lacks {len(missing)} weights the {kind} needs ({missing[0]}, ...): they would be "
+            "random; give a complete checkpoint (save_pretrained of the whole model)"
+        )
+    return net
+
+
 class BlipBackend(Backend):
     """BLIP image-text matching: BERT-style text encoder with cross-attention over ViT patches."""
 
@@ -95,10 +136,8 @@ class BlipBackend(Backend):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         path = resolve_model_path(self.model_id)
-        try:
-            net = BlipForImageTextRetrieval.from_pretrained(path, revision=revision)
-        except (OSError, ValueError) as err:
-            raise load_error("BLIP ITM model", self.model_id, err) from None
+        net = load_pretrained(BlipForImageTextRetrieval, self.model_id, revision, kind="BLIP ITM model",
+                              model_type="blip", used=("vision_model.", "text_encoder.", "itm_head."))
         try:
             processor = AutoProcessor.from_pretrained(path, revision=revision)
         except (OSError, ValueError) as err:
@@ -242,6 +281,45 @@ class BlipBackend(Backend):
             logits = self.model.itm_head(text.last_hidden_state[:, 0, :]).float()  # [P, 2]
             scores.append(logits.softmax(-1)[:, ITM_MATCH])
         return torch.cat(scores).view(batch, len(texts))
+
+    @torch.inference_mode()
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision encoder's output tokens for the patches (image [CLS] dropped). # [B, gh*gw, D]"""
+        size = pixel_values.shape[-1]
+        hidden = self.model.vision_model(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            interpolate_pos_encoding=size != self._native_size,
+        ).last_hidden_state  # [B, 1 + gh*gw, D]
+        return hidden[:, 1:].float()
+
+    @torch.inference_mode()
+    def itm_pair_scores(
+        self, pixel_values: torch.Tensor, texts: Sequence[str], batch_size: int = 64
+    ) -> torch.Tensor:
+        """ITM match probability of image b with text b, for b < B (pairs, not every text). # [B]"""
+        if len(texts) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images but {len(texts)} texts: give one per image")
+        size, out = pixel_values.shape[-1], []
+        max_pos = self.model.config.text_config.max_position_embeddings
+        step = max(1, int(batch_size))
+        for start in range(0, len(texts), step):
+            images = self.model.vision_model(
+                pixel_values=pixel_values[start : start + step].to(self.device, self.dtype),
+                interpolate_pos_encoding=size != self._native_size,
+            ).last_hidden_state  # [P, 1 + gh*gw, D]
+            tokens = self.tokenizer(list(texts[start : start + step]), padding=True, truncation=True,
+                                    max_length=max_pos, return_tensors="pt")
+            text = self.model.text_encoder(
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=tokens["attention_mask"].to(self.device),
+                encoder_hidden_states=images,
+                encoder_attention_mask=torch.ones(images.shape[:-1], dtype=torch.long, device=self.device),
+            )
+            logits = self.model.itm_head(text.last_hidden_state[:, 0, :]).float()  # [P, 2]
+            out.append(logits.softmax(-1)[:, ITM_MATCH])
+        if not out:
+            return torch.zeros(0, device=self.device)
+        return torch.cat(out)
 
     def _tokenize(self, prompts: Sequence[Prompt]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Token ids for the captions and a [B, C_max, T] matrix averaging each class's pieces."""

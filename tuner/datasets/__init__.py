@@ -24,6 +24,7 @@ from ._base import (
     split_parts,
 )
 from ._classes import ClassList, builtin_classes, read_class_file
+from ._disk import LabelValueError
 from .splits import disjoint_splits, tuning_split
 
 # name -> "module:Class", imported when asked for
@@ -64,6 +65,7 @@ __all__ = [
     "ClassList",
     "CorruptImage",
     "Dataset",
+    "LabelValueError",
     "LayoutError",
     "MissingAnnotation",
     "Sample",

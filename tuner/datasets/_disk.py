@@ -21,23 +21,22 @@ def default_root(root: str | os.PathLike | None) -> Path:
     return Path(root or os.environ.get("OVSS_DATA") or "data").expanduser()
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """An image file as [H, W, 3] uint8; missing: FileNotFoundError, undecodable: CorruptImage."""
-    from PIL import Image
+def read_rgb(path: str | Path, *, exif_orientation: bool = False) -> np.ndarray:
+    """An image file as [H, W, 3] uint8 through `segmenter.images.read_image`, the one decoder.
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+    Benchmark images keep their stored pixel order (the default: their label maps are stored
+    that way); the folder dataset passes `exif_orientation=True` (photos as viewed).
+    Missing: FileNotFoundError, undecodable: CorruptImage."""
+    from segmenter.images import UnreadableImage, read_image
+
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so that a truncated file fails here
-            return np.array(im.convert("RGB"), dtype=np.uint8)
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise CorruptImage(path, _reason(err)) from None
+        return read_image(path, exif_orientation=exif_orientation)
+    except UnreadableImage as err:
+        raise CorruptImage(err.path, err.reason) from None
 
 
 def read_index_png(path: Path) -> np.ndarray:
-    """A label PNG of class indices (mode L, P or I;16) as [H, W] uint8."""
+    """A label PNG of class indices (mode L, P, I or I;16) as [H, W] integers, as stored."""
     from PIL import Image
 
     try:
@@ -52,11 +51,82 @@ def read_index_png(path: Path) -> np.ndarray:
             f"label file {path} is a colour image ({mode}): expected one class index a pixel "
             "(mode L or P, as MMSegmentation's converters write)"
         )
-    if array.dtype != np.uint8:
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise CorruptImage(path, f"label values {array.min()}..{array.max()} do not fit 0..255")
-        array = array.astype(np.uint8)
     return array
+
+
+class LabelValueError(ValueError):
+    """A label file holds values that are neither class ids nor the ignore value of its dataset.
+
+    `values` is ((raw value, pixel count), ...), most frequent first. Never skipped: scoring
+    such a file would silently count its pixels as ignored (or as the wrong class).
+    """
+
+    def __init__(self, path, values, expected: str, dataset: str = "", unit: str = "px") -> None:
+        self.path, self.values, self.expected, self.dataset = str(path), tuple(values), expected, dataset
+        self.unit = unit
+        shown = ", ".join(f"{v} ({c} {unit})" for v, c in self.values[:6])
+        more = f" and {len(self.values) - 6} more" if len(self.values) > 6 else ""
+        of = f" of dataset {dataset!r}" if dataset else ""
+        super().__init__(
+            f"label file {self.path} holds values that are not class ids{of}: {shown}{more}; "
+            f"valid values are {expected}: re-create it with the dataset's converter (class indices, "
+            "mode L or P; a re-saved or colour-mapped PNG does not keep them)"
+        )
+
+    def __reduce__(self):
+        return type(self), (self.path, self.values, self.expected, self.dataset, self.unit)
+
+
+def describe_values(valid: np.ndarray, ignore: np.ndarray) -> str:
+    """"0..20 (classes), 255 (ignored)" for boolean tables over raw values 0..255."""
+    def runs(mask: np.ndarray) -> str:
+        values, parts = np.flatnonzero(mask).tolist(), []
+        for v in values:
+            if parts and parts[-1][1] == v - 1:
+                parts[-1][1] = v
+            else:
+                parts.append([v, v])
+        return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in parts)
+
+    text = runs(valid & ~ignore) + " (classes)"
+    return text + (f", {runs(ignore)} (ignored)" if ignore.any() else "")
+
+
+@dataclass(frozen=True)
+class LabelCoding:
+    """How one kind of label file stores classes: `lut` raw value -> class id (255 ignored),
+    `valid` which raw values occur legitimately (class values and declared ignore values)."""
+
+    lut: np.ndarray  # [256] uint8
+    valid: np.ndarray  # [256] bool
+    text: str = ""  # how error messages name the valid values (default: their ranges)
+
+    @classmethod
+    def of(cls, lut: np.ndarray, ignored=(255,), text: str = "") -> LabelCoding:
+        """A coding whose valid values are those `lut` maps to a class, plus `ignored`."""
+        valid = lut != 255
+        valid[list(ignored)] = True
+        return cls(lut, valid, text)
+
+    def describe(self) -> str:
+        return self.text or describe_values(self.valid, self.valid & (self.lut == 255))
+
+    def decode(self, raw: np.ndarray, path, dataset: str = "") -> np.ndarray:
+        """Class ids [H, W] uint8 of a raw label array; LabelValueError on any value not valid."""
+        flat = raw.ravel()
+        if flat.size and (flat.min() < 0 or flat.max() > 255):
+            values, counts = np.unique(flat, return_counts=True)
+            keep = (values < 0) | (values > 255)
+            keep[~keep] = ~self.valid[values[~keep]]
+            bad = sorted(zip(values[keep].tolist(), counts[keep].tolist()), key=lambda vc: -vc[1])
+            raise LabelValueError(path, bad, self.describe(), dataset)
+        raw = raw.astype(np.uint8, copy=False)
+        counts = np.bincount(raw.ravel(), minlength=256)
+        invalid = (counts > 0) & ~self.valid
+        if invalid.any():
+            bad = sorted(((int(v), int(counts[v])) for v in np.flatnonzero(invalid)), key=lambda vc: -vc[1])
+            raise LabelValueError(path, bad, self.describe(), dataset)
+        return self.lut[raw]
 
 
 def _reason(err: Exception) -> str:
@@ -120,6 +190,8 @@ class DiskDataset(Dataset):
     subdirs: tuple[str, ...] = ()
     classes: ClassList
     lut: np.ndarray
+    #: raw label values that mean "not labelled" besides those `lut` maps to a class
+    raw_ignored: tuple[int, ...] = (255,)
 
     def __init__(self, root: str | os.PathLike | None = None, *, tune_fraction: float = 0.2,
                  split_seed: int = 0) -> None:
@@ -204,11 +276,16 @@ class DiskDataset(Dataset):
         return Sample(id=sample_id, image=image, labels=labels, image_classes=self.present_classes(labels))
 
     def read_labels(self, split: str, sample_id: str) -> np.ndarray:
-        """[H, W] uint8 class ids, `ignore_index` where unlabelled."""
+        """[H, W] uint8 class ids, `ignore_index` where unlabelled; LabelValueError when the file
+        holds a value that is neither a class nor an ignore value of the dataset."""
         path = self.label_path(split, sample_id)
         if not path.is_file():
             raise MissingAnnotation(self.name, sample_id, path)
-        return self.lut[read_index_png(path)]
+        return self.label_coding(path).decode(read_index_png(path), path, self.name)
+
+    def label_coding(self, path: Path) -> LabelCoding:
+        """The coding of a label file (one per dataset unless it reads several kinds of file)."""
+        return LabelCoding.of(self.lut, self.raw_ignored)
 
     # -- checks ---------------------------------------------------------------------------------------
     def label_exists(self, split: str, sample_id: str) -> bool:

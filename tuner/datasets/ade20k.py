@@ -31,6 +31,7 @@ class ADE20KDataset(DiskDataset):
     subdirs = ("ADEChallengeData2016", "ade/ADEChallengeData2016")
     classes = builtin_classes("ade20k")
     lut = shifted_lut(150, 1)
+    raw_ignored = (0, 255)
 
     @classmethod
     def looks_like(cls, path: Path) -> bool:

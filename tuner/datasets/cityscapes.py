@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._base import MissingAnnotation
 from ._classes import builtin_classes
-from ._disk import DiskDataset, list_images, lookup_table, read_index_png
+from ._disk import DiskDataset, LabelCoding, list_images, lookup_table
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
@@ -68,9 +67,8 @@ class CityscapesDataset(DiskDataset):
         official = base / f"{sample_id}{LABEL_IDS_SUFFIX}"
         return official if not preferred.is_file() and official.is_file() else preferred
 
-    def read_labels(self, split: str, sample_id: str):
-        path = self.label_path(split, sample_id)
-        if not path.is_file():
-            raise MissingAnnotation(self.name, sample_id, path)
-        table = self.lut if path.name.endswith(TRAIN_IDS_SUFFIX) else LABEL_ID_TO_TRAIN_ID
-        return table[read_index_png(path)]
+    def label_coding(self, path: Path) -> LabelCoding:
+        if path.name.endswith(TRAIN_IDS_SUFFIX):
+            return LabelCoding.of(self.lut)
+        return LabelCoding.of(LABEL_ID_TO_TRAIN_ID, ignored=range(34),
+                              text="the official label ids 0..33 (those without a train id ignored)")

@@ -3,9 +3,13 @@
 Label maps are the stuff-thing maps: MMSegmentation's `*_labelTrainIds.png` (train ids 0..170,
 255 unlabelled) or the raw `stuffthingmaps_trainval2017.zip` PNGs (`<id>.png`, COCO category
 id - 1 in 0..181), read through a lookup table so that no conversion step is needed.
-COCO-Object keeps the 80 things (train ids 0..79 -> 1..80) and makes every stuff pixel
-background 0; without stuff-thing maps it paints the instance masks of
-`annotations/instances_<split>2017.json` (pycocotools), largest first, crowd regions ignored.
+COCO-Object keeps the 80 things (train ids 0..79 -> 1..80) and makes every other pixel
+background 0, stuff and unlabelled (255) alike: the public conversion of the SCLIP / NACLIP /
+GroupViT evaluation harness (`convert_coco_object.py`, whose `<id>_instanceTrainIds.png` output
+is read too), so that nothing is ignored. Without stuff-thing maps it paints the non-crowd
+instance masks of `annotations/instances_<split>2017.json` (pycocotools) in annotation order,
+a later one on top (the COCO-Stuff API's rule for the maps' thing pixels); every other pixel is
+background, so both sources give the same ground truth.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import numpy as np
 
 from ._base import LayoutError, MissingAnnotation
 from ._classes import builtin_classes
-from ._disk import DiskDataset, list_images, lookup_table, read_index_png
+from ._disk import DiskDataset, LabelCoding, LabelValueError, list_images, lookup_table, read_index_png
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 TRAIN_IDS_SUFFIX = "_labelTrainIds.png"
+#: output of the public COCO-Object conversion: 0 background (stuff and unlabelled), 1..80 things
+INSTANCE_TRAIN_IDS_SUFFIX = "_instanceTrainIds.png"
 #: COCO category ids (1-based) that have pixels in COCO-Stuff: 80 things, then 91 stuff (92..182)
 USED_CATEGORY_IDS = (
     *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
@@ -96,12 +102,13 @@ class _CocoLayout(DiskDataset):
         return raw if not preferred.is_file() and raw.is_file() else preferred
 
     def train_ids(self, split: str, sample_id: str) -> np.ndarray:
-        """The stuff-thing map of a sample as train ids 0..170 (255 unlabelled)."""
+        """The stuff-thing map of a sample as train ids 0..170 (255 unlabelled); LabelValueError
+        when it holds a value that is no COCO-Stuff class."""
         path = self.label_path(split, sample_id)
         if not path.is_file():
             raise MissingAnnotation(self.name, sample_id, path)
-        raw = read_index_png(path)
-        return (TRAIN_IDS if path.name.endswith(TRAIN_IDS_SUFFIX) else RAW_TO_TRAIN_ID)[raw]
+        coding = LabelCoding.of(TRAIN_IDS if path.name.endswith(TRAIN_IDS_SUFFIX) else RAW_TO_TRAIN_ID)
+        return coding.decode(read_index_png(path), path, self.name)
 
 
 class CocoStuffDataset(_CocoLayout):
@@ -115,13 +122,18 @@ class CocoStuffDataset(_CocoLayout):
         return self.train_ids(split, sample_id)
 
 
-#: train id -> COCO-Object class id: things 0..79 -> 1..80, stuff -> background 0, 255 stays
+#: train id -> COCO-Object class id: things 0..79 -> 1..80; stuff and unlabelled (255) -> 0
 TRAIN_ID_TO_OBJECT = lookup_table({**{i: i + 1 for i in range(THINGS)},
-                                   **dict.fromkeys(range(THINGS, len(USED_CATEGORY_IDS)), 0)})
+                                   **dict.fromkeys(range(THINGS, len(USED_CATEGORY_IDS)), 0), 255: 0})
+#: an `_instanceTrainIds.png` value -> class id (0..80 kept; 255, never written by it, -> 0)
+INSTANCE_TRAIN_IDS = LabelCoding.of(lookup_table({**{i: i for i in range(THINGS + 1)}, 255: 0}))
+#: COCO category id of each thing class id 1..80
+THING_CLASS_OF_CATEGORY = {cat: i + 1 for i, cat in enumerate(USED_CATEGORY_IDS[:THINGS])}
 
 
 class CocoObjectDataset(_CocoLayout):
-    """COCO-Object: background + the 80 COCO things; stuff pixels are background.
+    """COCO-Object: background + the 80 COCO things; stuff and unlabelled pixels are background
+    (the public conversion's ground truth, the same from stuff-thing maps and instance JSON).
 
     `source`: "auto" (stuff-thing maps where a split has them, else the instance JSON),
     "stuffthingmaps" or "instances".
@@ -164,7 +176,9 @@ class CocoObjectDataset(_CocoLayout):
     def label_path(self, split: str, sample_id: str) -> Path:
         if self.uses_instances(split):
             return self.instances_file(split)
-        return super().label_path(split, sample_id)
+        path = super().label_path(split, sample_id)
+        converted = self.map_dir(split) / f"{sample_id}{INSTANCE_TRAIN_IDS_SUFFIX}"
+        return converted if not path.is_file() and converted.is_file() else path
 
     def label_exists(self, split: str, sample_id: str) -> bool:
         if self.uses_instances(split):
@@ -174,6 +188,9 @@ class CocoObjectDataset(_CocoLayout):
     def read_labels(self, split: str, sample_id: str) -> np.ndarray:
         if self.uses_instances(split):
             return self._paint_instances(split, sample_id)
+        path = self.label_path(split, sample_id)
+        if path.name.endswith(INSTANCE_TRAIN_IDS_SUFFIX):
+            return INSTANCE_TRAIN_IDS.decode(read_index_png(path), path, self.name)
         return TRAIN_ID_TO_OBJECT[self.train_ids(split, sample_id)]
 
     # -- instance annotations -------------------------------------------------------------------------
@@ -190,11 +207,11 @@ class CocoObjectDataset(_CocoLayout):
 
             with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress
                 api = COCO(str(self.instances_file(split)))
-            cats = sorted(api.getCatIds())
-            if len(cats) != THINGS:
+            unknown = sorted(set(api.getCatIds()) - set(THING_CLASS_OF_CATEGORY))
+            if unknown:
                 raise LayoutError(
-                    f"{self.instances_file(split)} has {len(cats)} categories, expected {THINGS}")
-            api.class_of = {cat: i + 1 for i, cat in enumerate(cats)}
+                    f"{self.instances_file(split)} declares categories that are not COCO things: "
+                    f"ids {', '.join(map(str, unknown[:6]))}: use COCO's own instances_{SPLITS[split]}.json")
             api.by_stem = {Path(img["file_name"]).stem: img for img in api.dataset.get("images", [])}
             self._coco[split] = api
         return self._coco[split]
@@ -208,13 +225,16 @@ class CocoObjectDataset(_CocoLayout):
         if record is None:
             raise MissingAnnotation(self.name, sample_id, f"{self.instances_file(split)} (image {sample_id})")
         labels = np.zeros((record["height"], record["width"]), dtype=np.uint8)  # [H, W]
-        crowd = np.zeros(labels.shape, dtype=bool)
-        anns = api.loadAnns(api.getAnnIds(imgIds=[record["id"]], iscrowd=None))
-        for ann in sorted(anns, key=lambda a: -float(a.get("area", 0.0))):  # small objects on top
-            mask = api.annToMask(ann).astype(bool)
-            if ann.get("iscrowd"):
-                crowd |= mask
-            else:
-                labels[mask] = api.class_of[ann["category_id"]]
-        labels[crowd & (labels == 0)] = self.ignore_index
+        anns = api.loadAnns(api.getAnnIds(imgIds=[record["id"]], iscrowd=False))
+        unknown: dict[int, int] = {}
+        for ann in anns:  # annotation order, a later mask on top
+            if ann["category_id"] not in THING_CLASS_OF_CATEGORY:
+                unknown[ann["category_id"]] = unknown.get(ann["category_id"], 0) + 1
+                continue
+            labels[api.annToMask(ann).astype(bool)] = THING_CLASS_OF_CATEGORY[ann["category_id"]]
+        if unknown:
+            raise LabelValueError(
+                f"{self.instances_file(split)} (image {sample_id})",
+                [(f"category_id {c}", n) for c, n in sorted(unknown.items())],
+                "the 80 COCO thing category ids", self.name, unit="annotations")
         return labels

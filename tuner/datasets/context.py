@@ -31,6 +31,7 @@ class PascalContext59Dataset(DiskDataset):
     subdirs = ("VOC2010", "VOCdevkit/VOC2010")
     classes = builtin_classes("context59")
     lut = shifted_lut(59, 1)
+    raw_ignored = (0, 255)  # background pixels are not scored
 
     @classmethod
     def looks_like(cls, path: Path) -> bool:

@@ -21,6 +21,8 @@ LAYOUT = """\
 class FolderDataset(Dataset):
     """Images of one directory (split "all"; "all:tune" / "all:eval" partition it), no labels.
 
+    Images are read as a viewer shows them (EXIF orientation applied), like `tune segment`.
+
     Class names come from `classes` (a list, "a,b,c", or a file path) or `<root>/classes.txt`.
     A first class named "background" is the background class, left out of the vocabulary.
     """
@@ -88,4 +90,4 @@ class FolderDataset(Dataset):
 
     def load(self, split: str, sample_id: str) -> Sample:
         self.check_split(split)
-        return Sample(id=sample_id, image=read_rgb(self.root / sample_id))
+        return Sample(id=sample_id, image=read_rgb(self.root / sample_id, exif_orientation=True))  # as viewed

@@ -22,6 +22,9 @@ SHAPE_CLASSES = ("circle", "square", "triangle", "star", "ring", "cross", "diamo
 CLASS_HUES = (0.0, 225.0, 55.0, 120.0, 275.0, 28.0, 185.0, 320.0)
 SPLIT_SIZES = {"train": 2000, "val": 200, "test": 200}
 BUNDLED_MODELS = ("blip", "clip")
+#: the bundled worlds by name -> their folder in this package: "planted" (one head was trained with
+#: the masks to localise: a test with a known answer) and "unplanted" (no head was: the honest test)
+BUNDLED_WORLDS = {"planted": "shapes_models", "unplanted": "shapes_models_unplanted"}
 TRAIN_COMMAND = "python tools/train_shapes_models.py && python tools/shapes_model_card.py"
 
 
@@ -155,14 +158,20 @@ class ShapesDataset(Dataset):
         return Sample(id=sample_id, image=image, labels=mask, image_classes=present)
 
 
-def bundled_model_path(kind: str) -> str:
-    """Directory of the tiny shapes-world model shipped in the package: "blip" (ITM) or "clip".
+def bundled_model_path(kind: str, world: str = "planted") -> str:
+    """Directory of a tiny shapes-world model shipped in the package: `kind` "blip" (ITM) or "clip",
+    of the bundled `world` "planted" (shapes_models/) or "unplanted" (shapes_models_unplanted/).
 
-    It loads with `from_pretrained(path)` offline; see shapes_models/MODEL_CARD.md.
+    It loads with `from_pretrained(path)` offline; each world's MODEL_CARD.md says how it was made.
+    Raises ValueError for an unknown kind or world, FileNotFoundError when the files are missing.
     """
     if kind not in BUNDLED_MODELS:
         raise ValueError(f"unknown bundled model {kind!r}: choose one of {', '.join(BUNDLED_MODELS)}")
-    path = Path(__file__).resolve().parent / "shapes_models" / kind
+    if world not in BUNDLED_WORLDS:
+        raise ValueError(f"unknown bundled world {world!r}: choose one of {', '.join(BUNDLED_WORLDS)}")
+    folder = Path(__file__).resolve().parent / BUNDLED_WORLDS[world]
+    path = folder / kind
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the bundled {kind} model is missing at {path}: run `{TRAIN_COMMAND}`")
+        hint = TRAIN_COMMAND if world == "planted" else f"the command in {folder / 'MODEL_CARD.md'}"
+        raise FileNotFoundError(f"the bundled {world} {kind} model is missing at {path}: run {hint}")
     return str(path)

@@ -2,8 +2,10 @@
 
 Test fixtures and demos: `tune run --dataset coco --data-root DIR` runs on what
 `write_coco_layout(DIR, ...)` writes. The 8 shapes stand for real classes of the benchmark
-(`COCO_CLASS_OF_SHAPE`, `VOC_CLASS_OF_SHAPE`); COCO backgrounds are a stuff class per image,
-and a one-pixel border around every shape is unlabelled (255), as in both benchmarks.
+(`COCO_CLASS_OF_SHAPE`, `VOC_CLASS_OF_SHAPE`); COCO backgrounds are a stuff class per image.
+Unlabelled pixels (255) are placed as in each benchmark: in VOC a one-pixel border along the
+inside of every object; in COCO-Stuff a one-pixel ring of the background around every object
+(the maps' thing pixels are the instance masks, unlabelled pixels are never thing pixels).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import binary_erosion
+from scipy.ndimage import binary_dilation, binary_erosion
 
 from ._classes import builtin_classes
 from .coco import SPLITS as COCO_SPLITS
@@ -32,12 +34,13 @@ VOC_CLASS_OF_SHAPE = {
 IGNORE = 255
 
 
-def _scene(seed: int, split: str, index: int, size: int):
+def _scene(seed: int, split: str, index: int, size: int, outside: bool = False):
+    """(image, mask, unlabelled border): inside each object, or with `outside` around it."""
     image, mask = render_shapes(zlib.crc32(f"{seed}/{split}/{index}".encode()), size)
     border = np.zeros(mask.shape, dtype=bool)  # [S, S]
     for value in np.unique(mask[mask > 0]):
         region = mask == value
-        border |= region & ~binary_erosion(region)
+        border |= (binary_dilation(region) & (mask == 0)) if outside else (region & ~binary_erosion(region))
     return image, mask, border
 
 
@@ -66,7 +69,7 @@ def write_coco_layout(root: str | Path, count: int, seed: int = 0, *, splits=("t
         annotations: list[dict] = []
         images: list[dict] = []
         for i in range(count):
-            image, mask, border = _scene(seed, split, i, size)
+            image, mask, border = _scene(seed, split, i, size, outside=True)
             rng = np.random.default_rng(zlib.crc32(f"{seed}/{split}/{i}/stuff".encode()))
             stuff = names.index(COCO_BACKGROUNDS[rng.integers(len(COCO_BACKGROUNDS))])
             train_ids = np.where(mask > 0, shape_ids[mask], stuff).astype(np.uint8)  # [S, S]

@@ -63,3 +63,4 @@ class Voc20Dataset(VocDataset):
     has_background = False
     classes = builtin_classes("voc").take(1)
     lut = shifted_lut(20, 1)
+    raw_ignored = (0, 255)  # background pixels are not scored
