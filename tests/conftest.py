@@ -220,10 +220,10 @@ def write_spec(tmp_path: Path, blip: str, clip: str, *, space=None, images=4, tr
     return path
 
 
-def kill_mid_trial(proc, storage: str, study_name: str, min_done: int = 2, timeout: float = 180) -> bool:
+def kill_mid_trial(proc, storage, study_name: str, min_done: int = 2, timeout: float = 180) -> bool:
     """SIGKILL a `tune run` process once the study has `min_done` finished trials and the process
     runs one; True when it died inside that trial (its trial is left RUNNING), False when the
-    kill landed between two of its trials."""
+    kill landed between two of its trials. `storage`: a URL or an Optuna storage object."""
     import signal
     import time
 

@@ -31,8 +31,9 @@ def load(tmp_path: Path, name: str = "shapes-clip_margin") -> optuna.Study:
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials, one per config (repeats of an evaluated config left out)."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return study.get_trials(deepcopy=False, states=states)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if "repeat_of" not in t.user_attrs]
 
 
 def test_run_records_miou_and_export_round_trips(tmp_path, tiny_blip, tiny_clip, capsys):

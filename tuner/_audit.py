@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from . import _audit_stats as S
+from .study import is_repeat
 
 AUDIT_VERSION = 1
 OBJECTIVE_TOLERANCE = 1e-5  # stored per-image objective values are rounded to 6 decimals
@@ -79,8 +80,8 @@ def audit_study(study: optuna.Study, options: AuditOptions) -> dict[str, Any]:
     """The audit of a loaded study (any storage, in-memory included)."""
     attrs = dict(study.user_attrs)
     every = study.get_trials(deepcopy=False)
-    complete = sorted((t for t in every if t.state == TrialState.COMPLETE and t.value is not None),
-                      key=lambda t: t.number)
+    complete = sorted((t for t in every if t.state == TrialState.COMPLETE and t.value is not None
+                       and not is_repeat(t)), key=lambda t: t.number)  # one trial per config
     if len(complete) < 2:
         raise ValueError(
             f"study {study.study_name!r} has {len(complete)} completed trial(s); an audit compares "

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--study", help="study name (default: <dataset>-<objective>)")
     _storage_arg(run)
     run.add_argument("--trials", type=positive_int,
-                     help="finished trials the study should have (default: the spec's `trials`)")
+                     help="distinct finished configs the study should have (default: the spec's `trials`)")
     run.add_argument("--objective", help="objective name (see `tune objectives`)")
     run.add_argument("--images", type=positive_int,
                      help="number of tuning images (default: the spec's `tuning.images`)")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes for the CPU post-processing (dense CRF, blur); 0 or 1: none, "
                           "the main process does it (default %(default)s)")
     run.add_argument("--heartbeat", type=positive_int, default=30,
-                     help="seconds between worker heartbeats on a database storage; a trial silent "
+                     help="seconds between a running trial's heartbeats (every storage); a trial silent "
                           "for 3 heartbeats is failed and retried (default %(default)s)")
 
     export = sub.add_parser("export", help="write the best trial's SegmenterConfig as YAML")
@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         return COMMANDS[args.command](args, console)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during `tune run` (study.Terminated)
         Console(stderr=True).print(
             "[yellow]interrupted[/]: finished trials are saved; rerun the same command to continue"
         )
-        return 130
+        return 143 if type(err).__name__ == "Terminated" else 130
     except (SpecError, ValueError, OSError, KeyError) as err:
         _print_error(_storage_full_message(err, args) or _one_line(err))
         return 2
@@ -220,7 +220,7 @@ def _storage_full_message(err: BaseException, args) -> str | None:
 def cmd_run(args, console: Console) -> int:
     from .cache import MapCache
     from .spec import RESERVED_OPTIONS, builtin_spec_path, load_spec, option_problem
-    from .study import RunOptions, StudyRunner
+    from .study import RunOptions, StudyRunner, sigterm_as_interrupt
 
     cpus = os.cpu_count() or 1
     if args.workers > cpus:
@@ -254,16 +254,22 @@ def cmd_run(args, console: Console) -> int:
         data_root=args.data_root, progress=not args.no_progress, heartbeat=args.heartbeat,
         workers=args.workers, strict=args.strict,
     )
-    runner = StudyRunner(spec, options)
-    before = runner.finished()
-    try:
-        study = runner.run()
-    finally:
-        runner.close()
-    ran = runner.finished() - before
-    console.print(f"study [bold]{runner.name}[/] in {args.storage}: {runner.finished()} finished trials"
-                  f" ({ran} run now); map cache {runner.cache.hits} hits, {runner.cache.misses} misses")
-    _print_best(study, console, runner)
+    with sigterm_as_interrupt():  # a scheduler's or `timeout`'s SIGTERM ends the trial like Ctrl-C
+        runner = StudyRunner(spec, options)
+        try:  # the worker processes stay up for the default config's evaluation in the report
+            before = runner.finished()
+            study = runner.run()
+            ran = runner.finished() - before
+            repeats = sum("repeat_of" in t.user_attrs for t in study.get_trials(deepcopy=False))
+            counted = f"; {repeats} repeats of evaluated configs not counted" if repeats else ""
+            console.print(f"study [bold]{runner.name}[/] in {args.storage}: {runner.finished()} distinct "
+                          f"configs finished ({ran} run now){counted}; map cache {runner.cache.hits} hits, "
+                          f"{runner.cache.misses} misses")
+            if runner.exhausted:
+                console.print(f"[yellow]stopped before {runner.trials} trials[/]: {runner.exhausted}")
+            _print_best(study, console, runner)
+        finally:
+            runner.close()
     return 0
 
 
@@ -356,12 +362,13 @@ def cmd_show(args, console: Console) -> int:
     from optuna.trial import TrialState
 
     from .selection import choose, distinct_complete
-    from .study import load_study
+    from .study import is_repeat, load_study
 
     study = load_study(args.storage, args.study)
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not is_repeat(t)]
     done = sorted(distinct_complete(study), key=lambda t: tuple(-v for v in t.values))
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    counts["repeats (not shown)"] = len(study.trials) - len(trials)
     table = Table(title=f"{study.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
     choice = choose(study) if done else None
     for col in ("trial", "objective", "mIoU", "params"):
@@ -386,7 +393,7 @@ def cmd_studies(args, console: Console) -> int:
     import optuna
 
     from .selection import choose
-    from .study import FINISHED, open_storage
+    from .study import distinct_trials, open_storage
 
     storage = open_storage(args.storage)
     summaries = optuna.get_all_study_summaries(storage)
@@ -395,7 +402,7 @@ def cmd_studies(args, console: Console) -> int:
         table.add_column(col)
     for s in summaries:
         study = optuna.load_study(study_name=s.study_name, storage=storage)
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        finished = len(distinct_trials(study))
         try:
             best = _values_text(choose(study).trial)
         except ValueError:

@@ -62,8 +62,8 @@ def view_label_maps(
 
 @dataclass
 class TrialOutcome:
-    value: float
-    per_image: list[float]
+    value: float  # mean of the finite per-image values (NaN when none is finite)
+    per_image: list[float]  # NaN where the objective is undefined on an image
     confusion: np.ndarray | None = None
     metrics: dict = field(default_factory=dict)  # miou, pixel_accuracy, iou per class
     extra: dict[str, list[float]] = field(default_factory=dict)  # per image, by extra objective
@@ -243,9 +243,9 @@ class TrialRunner:
             scores = np.asarray(self.objective.score(items), dtype=np.float64)
             for score in scores:
                 per_image.append(float(score))
-                if trial is not None:
+                if trial is not None and np.isfinite(score):  # an undefined value is not reported
                     step = len(per_image) - 1
-                    value = float(score) if self.report == "instance" else float(np.mean(per_image))
+                    value = float(score) if self.report == "instance" else _finite_mean(per_image)
                     trial.report(value, step)
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned after {len(per_image)} images")
@@ -266,8 +266,15 @@ class TrialRunner:
         metrics = {}
         if confusion is not None:
             metrics = _metrics_dict(miou(confusion), self.dataset.class_names)
-        value = float(np.mean(per_image)) if per_image else float("nan")
-        return TrialOutcome(value, per_image, confusion, metrics, extra)
+        return TrialOutcome(_finite_mean(per_image), per_image, confusion, metrics, extra)
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    """The mean of the defined (finite) values; NaN when there are none. An image on which an
+    objective is undefined (e.g. miou_supervised without labelled pixels) is skipped."""
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    return float(array.mean()) if array.size else float("nan")
 
 
 def _metrics_dict(scores, class_names: Sequence[str]) -> dict:
