@@ -273,7 +273,8 @@ def print_across(worlds: list[dict]) -> None:
                 continue
             rhos.append(row["spearman"])
             regrets.append(row["regret_points"])
-            cell = f"{row['spearman']:>6.2f} / {row['regret_points']:>5.1f} ({row.get('blind_pairs', '-'):>2})"
+            blind = row.get("blind_pairs", "-")
+            cell = f"{row['spearman']:>6.2f} / {row['regret_points']:>5.1f} ({blind:>2})"
             cells.append(cell.rjust(22))
         mean = f"{np.mean(rhos):.2f} / {np.mean(regrets):.1f}" if rhos else "-"
         print(f"{label:<24} " + " ".join(cells) + f" {mean:>14}")
