@@ -117,9 +117,11 @@ def image_digest(image: np.ndarray) -> str:
 class UnreadableImage(ValueError):
     """An image file exists but cannot be decoded; `path` and `reason` say which and why."""
 
+    what = "image "  # the message's word for the file
+
     def __init__(self, path, reason: str) -> None:
         self.path, self.reason = str(path), reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
+        super().__init__(f"cannot read {self.what}{self.path}: {reason}")
 
     def __reduce__(self):  # picklable across worker processes
         return type(self), (self.path, self.reason)

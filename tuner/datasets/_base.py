@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from segmenter.images import UnreadableImage
+
 #: suffixes of the pseudo-splits: "<split>:tune" and "<split>:eval"
 PARTS = ("tune", "eval")
 
@@ -31,15 +33,10 @@ class Sample:
     image_classes: tuple[str, ...] | None = None  # names of the classes present (image-level)
 
 
-class CorruptImage(ValueError):
+class CorruptImage(UnreadableImage):
     """An image (or its annotation file) exists but cannot be decoded; `path` names the file."""
 
-    def __init__(self, path, reason: str) -> None:
-        self.path, self.reason = str(path), reason
-        super().__init__(f"cannot read {self.path}: {reason}")
-
-    def __reduce__(self):  # picklable across worker processes
-        return type(self), (self.path, self.reason)
+    what = ""
 
 
 class MissingAnnotation(FileNotFoundError):
