@@ -79,6 +79,10 @@ def run_audit(options: AuditOptions) -> dict[str, Any]:
 def audit_study(study: optuna.Study, options: AuditOptions) -> dict[str, Any]:
     """The audit of a loaded study (any storage, in-memory included)."""
     attrs = dict(study.user_attrs)
+    if len(study.directions) > 1:
+        raise ValueError(f"study {study.study_name!r} has {len(study.directions)} objectives: the audit "
+                         "compares one objective with mIoU (audit a single-objective study, e.g. one "
+                         "with `objective: combination`)")
     every = study.get_trials(deepcopy=False)
     complete = sorted((t for t in every if t.state == TrialState.COMPLETE and t.value is not None
                        and not is_repeat(t)), key=lambda t: t.number)  # one trial per config

@@ -35,7 +35,7 @@ def read_class_list(classes: str | None, classes_file: str | None) -> list[str]:
 
 
 def iter_image_paths(inputs: Sequence[str]) -> Iterator[Path]:
-    """Files as given, and the image files of directories (sorted, not recursive)."""
+    """Files as given, and the image files below directories (sorted, subdirectories included)."""
     for path, _ in _inputs_with_bases(inputs):
         yield path
 
@@ -44,9 +44,10 @@ def _inputs_with_bases(inputs: Sequence[str]) -> Iterator[tuple[Path, Path]]:
     """(image file, the directory its output name is taken relative to) for every input."""
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            for p in sorted(path.iterdir()):
-                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file():
+        if path.is_dir():  # the whole tree below it, hidden files and folders left out
+            for p in sorted(path.rglob("*")):
+                hidden = any(part.startswith(".") for part in p.relative_to(path).parts)
+                if p.suffix.lower() in IMAGE_SUFFIXES and not hidden and p.is_file():
                     yield p, path
         elif path.exists():
             yield path, path.parent

@@ -291,9 +291,13 @@ def _print_best(study, console: Console, runner=None) -> None:
     best = choice.trial
     config = SegmenterConfig.from_dict(best.user_attrs["config"])
     miou = best.user_attrs.get("miou")
-    line = f"best trial #{best.number}: objective {_values_text(best)}"
+    names = study.user_attrs.get("objectives") or [study.user_attrs.get("objective", "objective")]
+    what = "objectives " + ", ".join(names) if len(best.values) > 1 else "objective"
+    line = f"best trial #{best.number}: {what} {_values_text(best)}"
+    reads_pixels = study.user_attrs.get("objective_labels") == "pixel"
     if miou is not None:
-        line += f", mIoU {miou:.4f} (labels used only to report this)"
+        line += f", mIoU {miou:.4f}" + (" (the objective READ pixel labels: not a label-free choice)"
+                                         if reads_pixels else " (labels used only to report this)")
     console.print(config.to_yaml(), highlight=False, markup=False)
     console.print(line)
     console.print(f"choice: {choice.describe()}", highlight=False)
@@ -301,13 +305,15 @@ def _print_best(study, console: Console, runner=None) -> None:
         return
     default = runner.default_outcome()
     if default is not None:
-        text = f"default config ({runner.spec.source}'s fixed settings): objective {default.value:.4f}"
+        first = f" ({names[0]})" if len(names) > 1 else ""
+        text = f"default config ({runner.spec.source}'s fixed settings): objective{first} {default.value:.4f}"
         if default.metrics:
             text += f", mIoU {default.metrics['miou']:.4f}"
         console.print(text)
     check = runner.confidence(choice)
     colour = "green" if check.get("reliably_better") or check.get("same_as_default") else "yellow"
-    console.print(f"[{colour}]confidence check:[/] {verdict(check)}", highlight=False)
+    on = f" (on the first objective, {names[0]})" if len(names) > 1 else ""
+    console.print(f"[{colour}]confidence check{on}:[/] {verdict(check)}", highlight=False)
 
 
 def cmd_export(args, console: Console) -> int:
@@ -338,10 +344,16 @@ def cmd_export(args, console: Console) -> int:
         "confidence_check": {k: check.get(k) for k in ("reliably_better", "p_value", "effect", "images",
                                                        "optimistic", "mean_difference") if k in check},
     }
+    if len(study.user_attrs.get("objectives") or []) > 1:
+        provenance["objective"] = list(study.user_attrs["objectives"])
     fallback = check.get("reliably_better") is False and not check.get("same_as_default") and not args.force
     console_err = Console(stderr=True, highlight=False)
-    if fallback:
+    if fallback:  # the numbers of the trial belong to the choice, not to what is written
         config = SegmenterConfig.from_dict(study.user_attrs["fixed"])
+        provenance["rejected_choice"] = {k: provenance.pop(k) for k in ("trial", "value", "miou")}
+        default = study.user_attrs.get("default_outcome") or {}
+        provenance["default_config"] = {"value": default.get("value"),
+                                        "miou": (default.get("metrics") or {}).get("miou")}
         provenance["exported"] = "default config: the choice is not reliably better (use --force for it)"
         console_err.print(f"[yellow]{verdict(check)}[/]", soft_wrap=True)
         console_err.print(f"[yellow]wrote the default config instead of trial #{best.number}; "
@@ -386,6 +398,9 @@ def cmd_show(args, console: Console) -> int:
             from .confidence import verdict
 
             console.print(f"confidence check: {verdict(check)}", highlight=False)
+            if check.get("reliably_better") is False and not check.get("same_as_default"):
+                console.print("so `tune export` writes the default config (`--force`: this answer)",
+                              highlight=False)
     return 0
 
 
@@ -551,6 +566,11 @@ def cmd_segment(args, console: Console) -> int:
     names = read_class_list(args.classes, args.classes_file)
     config = SegmenterConfig.from_yaml(Path(args.config))
     total = len(plan_outputs(args.inputs))
+    if total == 0:
+        from .apply import IMAGE_SUFFIXES
+
+        raise ValueError(f"no image found in {', '.join(args.inputs)} (nor below it): give image files "
+                         f"or directories holding {', '.join(sorted(IMAGE_SUFFIXES))} files")
     writable_dir(args.out, "--out directory")  # before the model loads
     segmenter = Segmenter(config, device=None if args.device == "auto" else args.device,
                           batch_size=args.batch_size)

@@ -83,12 +83,14 @@ def verdict(record: dict) -> str:
         return f"no check: {record['unavailable']}"
     p, effect, n = record["p_value"], record["effect"], record["images"]
     where = "tuning images (optimistic)" if record.get("optimistic") else "held-out check images"
+    tally = f"wins {record['wins']}, losses {record['losses']}, ties {record['ties']}"
     if record["reliably_better"]:
-        return (f"the choice beats the default config on {record['wins']} of {n} {where} "
-                f"(Wilcoxon p = {p:.3g}, effect {effect:+.2f}): reliably better")
-    return (f"the choice is NOT reliably better than the default config on {n} {where} "
-            f"(Wilcoxon p = {p:.3g}, effect {effect:+.2f}, wins {record['wins']}, losses {record['losses']})"
-            ": the objective cannot tell them apart, so the default config is the safer answer")
+        return (f"the choice beats the default config on {n} {where} ({tally}; Wilcoxon p = {p:.3g}, "
+                f"effect {effect:+.2f}): reliably better")
+    why = ("the objective prefers the default config" if record["mean_difference"] < 0
+           else "the objective cannot tell them apart")
+    return (f"the choice is NOT reliably better than the default config on {n} {where} ({tally}; "
+            f"Wilcoxon p = {p:.3g}, effect {effect:+.2f}): {why}, so the default config is the safer answer")
 
 
 #: check images: twice the tuning images, at least this many (when the split has them): per-image

@@ -199,8 +199,11 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
         raise fail("fixed", str(err)) from None
 
     tuning = data.get("tuning") or {}
-    if not isinstance(tuning, dict) or set(tuning) - {"split", "images", "seed"}:
+    if not isinstance(tuning, dict):
         raise fail("tuning", "expects a mapping with split, images, seed")
+    if set(tuning) - {"split", "images", "seed"}:
+        unknown = sorted(map(str, set(tuning) - {"split", "images", "seed"}))[0]
+        raise fail(f"tuning.{unknown}", "unknown key (known: split, images, seed)")
     if "split" in tuning and not (isinstance(tuning["split"], str) and tuning["split"]):
         raise fail("tuning.split", "must be a split name, or auto")
     for key, least in (("images", 1), ("seed", 0)):
@@ -464,7 +467,8 @@ def check_component_options(spec: StudySpec) -> None:
         try:
             cls = lookup(name)
         except ValueError as err:
-            raise SpecError(f"{spec.source}: {key.split('_')[0]}: {err}") from None
+            where = key.removesuffix("_options") if key in ("objective_options", "dataset_options") else key
+            raise SpecError(f"{spec.source}: {where}: {err}") from None
         problem = option_problem(cls, options, reserved)
         if problem:
             what = problem[1].replace(cls.__name__, repr(name))

@@ -408,6 +408,10 @@ class StudyRunner:
         self.objective = get_objective(spec.objective, device=str(self.backend.device),
                                        backend=self.backend, **spec.objective_options)
         self.extra_objectives = self._extra_objectives()
+        #: the labels the study's objectives read (a part of a combination, another objective of a
+        #: multi-objective study or the tie-break may read pixel labels: then it is not label-free)
+        self.objective_labels = max((o.labels for o in (self.objective, *self.extra_objectives.values())),
+                                    key=("none", "image-level", "pixel").index)
         self.cache = MapCache(options.cache_dir)
         self.batch_size = resolve_batch_size(options.batch_size, self.backend, spec.fixed.image_size)
         self.provider = MapProvider(self.backend, self.cache, self.batch_size)
@@ -447,10 +451,11 @@ class StudyRunner:
             recorded = {"objective": attrs["objective"]}
             current = {"objective": current["objective"]}
         change = None if recorded is None else definition_mismatch(recorded, current)
-        if change is not None:
+        self.redefined = change is not None and not self.study.get_trials(deepcopy=False)
+        if change is not None and not self.redefined:
             raise ValueError(f"study {self.name!r} was made with another {change}: its trials would "
                              "not be comparable; use a new --study name")
-        if "definition" not in attrs:
+        if "definition" not in attrs or self.redefined:  # a study without trials takes the new one
             self.study.set_user_attr("definition", study_definition(self.spec))
 
     def _extra_objectives(self) -> dict:
@@ -497,6 +502,11 @@ class StudyRunner:
                 heads = [h for v in values for h in config_from_params(fixed, {param.name: v}).heads]
         for layer in layers:
             self.backend.check_layer_heads(layer, heads)
+            if layer == self.backend.num_layers:
+                raise ValueError(
+                    f"layer {layer} is the last text layer of {self.spec.fixed.model}: its maps are always "
+                    "zero (the ITM score reads only [CLS] after it), so every config with it segments "
+                    f"nothing; search layers 1..{layer - 1}")
         self.backend.patch_grid(fixed.image_size)
 
     def _load_images(self) -> list[TuningImage]:
@@ -526,9 +536,9 @@ class StudyRunner:
             "eval_split": self.eval_split,
             "seed": self.seed,
             "objective": self.spec.objective,
-            "objective_labels": self.objective.labels,
+            "objective_labels": self.objective_labels,
             "candidate_rule": fixed.candidates,
-            "labels_touched": sorted({self.objective.labels, "image-level" if fixed.uses_image_labels
+            "labels_touched": sorted({self.objective_labels, "image-level" if fixed.uses_image_labels
                                       else "none", "pixel" if self.dataset.has_labels else "none"}),
             "package_version": segmenter.__version__,
             "models": {
@@ -545,7 +555,7 @@ class StudyRunner:
             "fixed": fixed.to_dict(),
         }
         for key, value in record.items():
-            if key not in attrs:
+            if key not in attrs or getattr(self, "redefined", False):
                 self.study.set_user_attr(key, value)
 
     # -- running -----------------------------------------------------------------------------------
@@ -842,7 +852,9 @@ def die_with_parent(parent: int) -> None:
 
 def quiet_libraries() -> None:
     """Keep Optuna's and transformers' per-trial logging out of the progress display."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial (Ctrl-C, SIGTERM, an error the CLI reports in one line) would otherwise
+    # print a traceback through Optuna's logger
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
