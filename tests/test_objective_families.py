@@ -272,3 +272,47 @@ def test_a_multi_objective_spec_that_prunes_is_refused(tmp_path, tiny_blip, tiny
     spec.write_text(yaml.safe_dump(text))
     assert main(["run", "--study-file", str(spec), "--device", "cpu", "--no-progress",
                  "--storage", f"sqlite:///{tmp_path}/tune.db"]) == 2
+
+
+def test_the_verdict_says_when_the_objective_prefers_the_default_config():
+    from tuner.confidence import verdict
+
+    worse = {**paired_test(np.zeros(20), np.ones(20)), "images": 20}
+    assert "prefers the default config" in verdict(worse) and "losses 20" in verdict(worse)
+    better = {**paired_test(np.ones(20), np.zeros(20)), "images": 20}
+    assert "wins 20, losses 0, ties 0" in verdict(better) and "reliably better" in verdict(better)
+
+
+def test_an_objective_that_reads_pixel_labels_is_reported_and_multi_objective_audits_refused(
+        tmp_path, tiny_blip, tiny_clip, capsys):
+    storage = f"sqlite:///{tmp_path}/tune.db"
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=4, trials=2,
+                      objectives={"region_agreement": {}, "miou_supervised": {}})
+    text = yaml.safe_load(spec.read_text())
+    del text["objective"], text["objective_options"]
+    spec.write_text(yaml.safe_dump(text))
+    assert main(["run", "--study-file", str(spec), "--device", "cpu", "--no-progress", "--storage", storage,
+                 "--cache-dir", str(tmp_path / "cache"), "--study", "supervised"]) == 0
+    out = capsys.readouterr().out
+    assert "READ pixel labels" in out and "labels used only to report" not in out
+    study = optuna.load_study(study_name="supervised", storage=storage)
+    assert study.user_attrs["objective_labels"] == "pixel"
+    assert main(["audit", "--study", "supervised", "--storage", storage, "--out", str(tmp_path / "a")]) == 2
+    assert "has 2 objectives: the audit compares one objective with mIoU" in capsys.readouterr().err
+
+
+def test_an_exported_default_config_keeps_the_choices_numbers_apart(tmp_path, tiny_blip, tiny_clip):
+    fixed = {"model": tiny_blip, "image_size": 32, "layer": 2, "heads": [0], "dropout_rounds": 1,
+             "crf_iterations": 2}
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=4, trials=3, fixed=fixed)
+    storage = f"sqlite:///{tmp_path}/tune.db"
+    base = ["--storage", storage, "--cache-dir", str(tmp_path / "cache")]
+    assert main(["run", "--study-file", str(spec), "--device", "cpu", "--no-progress", *base]) == 0
+    study = optuna.load_study(study_name="shapes-clip_margin", storage=storage)
+    study.set_user_attr("confidence_check", {**study.user_attrs["confidence_check"], "reliably_better": False,
+                                             "same_as_default": False})  # as a flat objective leaves it
+    assert main(["export", "--study", "shapes-clip_margin", "-o", str(tmp_path / "d.yaml"), *base]) == 0
+    provenance = yaml.safe_load((tmp_path / "d.yaml").read_text())["provenance"]
+    chosen = choose(study).trial
+    assert "trial" not in provenance and provenance["rejected_choice"]["trial"] == chosen.number
+    assert provenance["default_config"]["value"] == study.user_attrs["default_outcome"]["value"]

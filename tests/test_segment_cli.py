@@ -117,6 +117,21 @@ def test_output_names_mirror_the_input_tree(tmp_path):
     assert [n for _, n in plan_outputs([str(tmp_path / "x" / "cam1")])] == ["0001.jpg"]
     single = plan_outputs([str(tmp_path / "x" / "a.jpg"), str(tmp_path / "x" / "cam1" / "0001.jpg")])
     assert [n for _, n in single] == ["a.jpg", "cam1/0001.jpg"]
+    # a directory is searched through its subdirectories, hidden ones left out
+    (tmp_path / "x" / ".thumbs").mkdir()
+    (tmp_path / "x" / ".thumbs" / "t.jpg").write_bytes(b"")
+    assert [n for _, n in plan_outputs([str(tmp_path / "x")])] == \
+        ["a.jpg", "a.png", "cam1/0001.jpg", "cam2/0001.JPG", "cam2/0001.jpg~2"]
+
+
+def test_segment_refuses_inputs_without_images_before_loading(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("no image here")
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(SegmenterConfig(model=str(tmp_path / "no-model"), image_size=32).to_yaml())
+    assert main(["segment", "--config", str(config_file), "--classes", "cat", "--out", str(tmp_path / "o"),
+                 str(tmp_path / "empty")]) == 2  # the model (which does not exist) is never loaded
+    assert "no image found in" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_segment_reads_photos_as_viewed_and_checks_out_before_loading(tmp_path, tiny_blip, capsys):

@@ -330,3 +330,22 @@ def test_worker_pool_run_reports_and_its_processes_die_with_it(tmp_path, tiny_bl
     for pid in left:  # do not leave them behind when the test fails
         os.kill(pid, signal.SIGKILL)
     assert not left, "pool processes outlived a kill -9 of their `tune run`"
+
+
+def test_a_study_without_trials_takes_a_new_definition_and_the_last_layer_is_refused(
+        tmp_path, tiny_blip, tiny_clip, capsys):
+    storage = f"sqlite:///{tmp_path}/tune.db"
+    run = ["run", "--device", "cpu", "--no-progress", "--storage", storage,
+           "--cache-dir", str(tmp_path / "c")]
+    # a first run that fails before any trial (here: the last text layer, whose maps are zero)
+    last = write_spec(tmp_path, tiny_blip, tiny_clip, trials=2,
+                      space={"layer": {"type": "int", "low": 1, "high": 3},
+                             "head": {"type": "int", "low": 0, "high": 3}})
+    assert main([*run, "--study-file", str(last)]) == 2
+    assert "layer 3 is the last text layer" in capsys.readouterr().err
+    # the fixed spec is not refused as "another definition": the study has no trial yet
+    fixed = write_spec(tmp_path, tiny_blip, tiny_clip, trials=2)
+    assert main([*run, "--study-file", str(fixed)]) == 0
+    study = optuna.load_study(study_name="shapes-clip_margin", storage=storage)
+    layer = [p for p in study.user_attrs["definition"]["search_space"] if p["name"] == "layer"]
+    assert layer[0]["high"] == 2  # the definition the trials were made under
