@@ -188,3 +188,15 @@ def test_worlds_summary_lists_each_world_with_a_cpu_retrain_command(tmp_path):
     assert ("    python tools/train_shapes_models.py --blip-cam-layer 0 "
             "--out /work/worlds/p4-copy") in text  # the recorded command, --out to the world's folder
     assert "### GradCAM localisation IoU per (layer, head)" in text  # the card, one level down
+
+
+def test_the_default_study_runs_offline_under_another_objective(tmp_path):
+    """`--objective` drops the spec's CLIP options; the tie-break objective still has its own CLIP."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuner.cli", "run", "--objective", "itm_match", "--trials", "2",
+         "--images", "4", "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "best trial #" in proc.stdout and "confidence check" in proc.stdout
