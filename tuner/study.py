@@ -468,9 +468,12 @@ class StudyRunner:
         for name, options in named:
             if name in out or (name == self.spec.objective and options == self.spec.objective_options):
                 continue
-            shared = {"clip": clip} if clip is not None and "clip_model" not in options and \
-                name.startswith("clip_") else {}
-            out[name] = get_objective(name, device=device, backend=self.backend, **options, **shared)
+            options = dict(options)
+            if clip is not None and name.startswith("clip_") and \
+                    options.get("clip_model", clip.model_id) == clip.model_id:  # one CLIP in memory
+                options.pop("clip_model", None)
+                options["clip"] = clip
+            out[name] = get_objective(name, device=device, backend=self.backend, **options)
         for objective in (self.objective, *out.values()):
             if getattr(objective, "direction", "maximize") != "maximize":
                 raise ValueError(f"objective {objective.name!r} minimises: studies maximise their objectives")
