@@ -423,7 +423,8 @@ def cmd_studies(args, console: Console) -> int:
         except ValueError:
             best = "-"
         table.add_row(s.study_name, str(s.user_attrs.get("dataset", "?")),
-                      str(s.user_attrs.get("objective", "?")), str(finished), best)
+                      ", ".join(s.user_attrs.get("objectives") or [str(s.user_attrs.get("objective", "?"))]),
+                      str(finished), best)
     console.print(table)
     return 0
 

@@ -57,6 +57,8 @@ class Choice:
     def describe(self) -> str:
         """One line for a person: how many configs tie, how the tie was broken, their mIoU spread."""
         if self.rule == "pareto_mean_rank":
+            if len(self.candidates) == 1:
+                return f"trial #{self.trial.number}: the only Pareto-optimal config"
             return (f"trial #{self.trial.number}: of the {len(self.candidates)} Pareto-optimal configs, "
                     "the one with the highest mean rank over the objectives")
         if self.tie_count == 1:
