@@ -110,6 +110,35 @@ def pick_check_ids(split_ids: Sequence[str], tuning_ids: Sequence[str], seed: in
     return [pool[i] for i in sorted(rng.choice(len(pool), size=count, replace=False))]
 
 
+def study_check(study, choice, fixed, backend, prepare: Callable[[], tuple]) -> dict:
+    """The check of `choice` stored in the study, or one run now and stored.
+
+    `fixed` is the default config, `backend` the loaded model (a default config it cannot run is
+    reported as unavailable), and `prepare()` returns (evaluate, check_ids, optimistic) for the
+    check images; it runs only when a check is needed. The one path of `tune run`, `tune export`
+    and `tune audit`.
+    """
+    from segmenter import SegmenterConfig
+
+    from .study import config_hash
+
+    stored = study.user_attrs.get("confidence_check")
+    if stored and stored.get("trial") == choice.trial.number:
+        return stored
+    try:
+        backend.check_layer_heads(fixed.layer, fixed.heads)
+    except ValueError as err:
+        record = {"trial": choice.trial.number, "reliably_better": None,
+                  "unavailable": f"the default config is not valid here ({err})"}
+    else:
+        evaluate, check_ids, optimistic = prepare()
+        chosen = SegmenterConfig.from_dict(choice.trial.user_attrs["config"])
+        record = check_choice(chosen, fixed, evaluate, check_ids=check_ids, optimistic=optimistic,
+                              trial=choice.trial.number, same=config_hash(chosen) == config_hash(fixed))
+    study.set_user_attr("confidence_check", record)
+    return record
+
+
 def ensure_check(study, choice, *, device: str | None = None, cache_dir: str | None = "runs/cache",
                  data_root: str | None = None) -> dict:
     """The study's stored check of `choice`, or one computed now from the study's records (and stored).
@@ -120,7 +149,6 @@ def ensure_check(study, choice, *, device: str | None = None, cache_dir: str | N
     from segmenter import SegmenterConfig
 
     from ._audit_eval import Reevaluator
-    from .study import config_hash
 
     stored = study.user_attrs.get("confidence_check")
     if stored and stored.get("trial") == choice.trial.number:
@@ -130,27 +158,16 @@ def ensure_check(study, choice, *, device: str | None = None, cache_dir: str | N
         return {"trial": choice.trial.number, "reliably_better": None,
                 "unavailable": "the study records no default config (not made by `tune run`)"}
     evaluator = Reevaluator(attrs, device=device, cache_dir=cache_dir, data_root=data_root)
-    fixed = SegmenterConfig.from_dict(attrs["fixed"])
-    chosen = SegmenterConfig.from_dict(choice.trial.user_attrs["config"])
-    try:
-        evaluator.backend.check_layer_heads(fixed.layer, fixed.heads)
-    except ValueError as err:
-        record = {"trial": choice.trial.number, "reliably_better": None,
-                  "unavailable": f"the default config is not valid here ({err})"}
-        study.set_user_attr("confidence_check", record)
-        return record
-    dataset, split = attrs["dataset"], attrs.get("tuning_split")
-    ids = attrs.get("check_ids")
-    if ids is None:
-        ids = pick_check_ids(evaluator.dataset(dataset).ids(split), attrs.get("tuning_ids") or [],
-                             int(attrs.get("seed") or 0))
-        study.set_user_attr("check_ids", ids)
-    optimistic = not ids
-    images = evaluator.image_set(dataset, split, ids or attrs.get("tuning_ids") or [])
-    record = check_choice(
-        chosen, fixed, lambda config: evaluator.evaluate(config, images).objective,
-        check_ids=[im.sample.id for im in images.images], optimistic=optimistic,
-        trial=choice.trial.number, same=config_hash(chosen) == config_hash(fixed),
-    )
-    study.set_user_attr("confidence_check", record)
-    return record
+
+    def prepare():
+        dataset, split = attrs["dataset"], attrs.get("tuning_split")
+        ids = attrs.get("check_ids")
+        if ids is None:
+            ids = pick_check_ids(evaluator.dataset(dataset).ids(split), attrs.get("tuning_ids") or [],
+                                 int(attrs.get("seed") or 0))
+            study.set_user_attr("check_ids", ids)
+        images = evaluator.image_set(dataset, split, ids or attrs.get("tuning_ids") or [])
+        return (lambda config: evaluator.evaluate(config, images).objective,
+                [im.sample.id for im in images.images], not ids)
+
+    return study_check(study, choice, SegmenterConfig.from_dict(attrs["fixed"]), evaluator.backend, prepare)

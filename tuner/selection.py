@@ -32,7 +32,6 @@ from scipy.stats import rankdata
 
 #: values within this relative distance of the best count as tied
 TIE_TOLERANCE = 1e-9
-RULES = ("only", "tie_break", "per_image_rank", "first", "pareto_mean_rank")
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,9 @@ class Choice:
     """A study's answer and how it was reached."""
 
     trial: FrozenTrial
-    rule: str  # RULES: how the answer was singled out ("only": no tie)
+    #: how the answer was singled out: "only" (no tie), "tie_break", "per_image_rank", "first"
+    #: or "pareto_mean_rank"
+    rule: str
     tied: tuple[FrozenTrial, ...] = ()  # the distinct configs tied at the best value, choice first
     candidates: tuple[FrozenTrial, ...] = field(default=())  # multi-objective: the Pareto front
 

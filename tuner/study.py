@@ -764,29 +764,16 @@ class StudyRunner:
 
     def confidence(self, choice) -> dict:
         """The confidence check of `choice` (a tuner.selection.Choice), stored in the study."""
-        from .confidence import check_choice
+        from .confidence import study_check
 
-        stored = self.study.user_attrs.get("confidence_check")
-        if stored and stored.get("trial") == choice.trial.number:
-            return stored
-        fixed = self.spec.fixed
-        try:
-            self.backend.check_layer_heads(fixed.layer, fixed.heads)
-        except ValueError as err:
-            record = {"trial": choice.trial.number, "reliably_better": None,
-                      "unavailable": f"the default config is not valid here ({err})"}
-        else:
+        def prepare():
             images, optimistic = self.check_images()
             runner = TrialRunner(self.dataset, images, self.provider, self.objective, self.runner.candidates,
                                  batch_size=self.batch_size)
-            chosen = SegmenterConfig.from_dict(choice.trial.user_attrs["config"])
-            record = check_choice(
-                chosen, fixed, lambda config: runner.evaluate(config).per_image,
-                check_ids=[im.sample.id for im in images], optimistic=optimistic,
-                trial=choice.trial.number, same=config_hash(chosen) == config_hash(fixed),
-            )
-        self.study.set_user_attr("confidence_check", record)
-        return record
+            return (lambda config: runner.evaluate(config).per_image,
+                    [im.sample.id for im in images], optimistic)
+
+        return study_check(self.study, choice, self.spec.fixed, self.backend, prepare)
 
     def _check_not_surplus(self, trial: optuna.Trial) -> None:
         """Fail a trial that racing workers started beyond `trials` (the lowest numbers win)."""
