@@ -63,9 +63,11 @@ def test_crf_on_and_off_get_different_values_with_final_masks_and_the_same_with_
     values = {}
     for objective, name in ((final, "final"), (paper, "threshold")):
         runner = TrialRunner(dataset, images, provider, objective, picker)
-        values[name] = [runner.evaluate(base.replace(crf=crf)).per_image for crf in (True, False)]
-    assert values["threshold"][0] == values["threshold"][1]  # blind to the CRF
-    assert values["final"][0] != values["final"][1]
+        values[name] = [runner.evaluate(base.replace(**change)).per_image
+                        for change in ({}, {"crf": False}, {"background": "never"})]
+    # the paper's masks are blind to the CRF and to the background rule; the final ones see both
+    assert values["threshold"][0] == values["threshold"][1] == values["threshold"][2]
+    assert values["final"][0] != values["final"][1] and values["final"][0] != values["final"][2]
 
 
 def test_an_unknown_mask_source_or_option_is_a_one_line_error(tiny_clip):
