@@ -34,9 +34,13 @@ def load_yaml(text: str | bytes, source: str = "<yaml>") -> Any:
     naming `source` for a syntax error, more than `MAX_YAML_BYTES` of text, more than
     `MAX_YAML_VALUES` values with aliases expanded, or a recursive alias.
     """
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    if len(text.encode("utf-8", errors="replace")) > MAX_YAML_BYTES:
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", errors="replace"))
+    if isinstance(text, bytes) and size <= MAX_YAML_BYTES:
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise YamlInputError(f"{source}: not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    if size > MAX_YAML_BYTES:
         raise YamlInputError(f"{source}: more than {MAX_YAML_BYTES} bytes of YAML; a config or spec is "
                              "a few kilobytes: check that this is the file you meant")
     loader = yaml.SafeLoader(text)

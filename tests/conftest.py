@@ -215,6 +215,7 @@ def write_spec(tmp_path: Path, blip: str, clip: str, *, space=None, images=4, tr
         "trials": trials,
         **extra,
     }
+    spec = {k: v for k, v in spec.items() if v is not None}  # `objective=None`: leave the key out
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

@@ -349,3 +349,40 @@ def test_a_study_without_trials_takes_a_new_definition_and_the_last_layer_is_ref
     study = optuna.load_study(study_name="shapes-clip_margin", storage=storage)
     layer = [p for p in study.user_attrs["definition"]["search_space"] if p["name"] == "layer"]
     assert layer[0]["high"] == 2  # the definition the trials were made under
+
+
+def test_a_second_objective_undefined_everywhere_stops_the_study_and_its_partial_nans_are_skipped(
+        tmp_path, tiny_blip, tiny_clip):
+    """The same fault as above through the other objectives of a multi-objective study."""
+    spec = load_spec(write_spec(tmp_path, tiny_blip, tiny_clip, objective=None, objective_options=None,
+                                objectives={"region_agreement": {}, "miou_supervised": {}}, trials=2))
+    options = RunOptions(storage=f"sqlite:///{tmp_path}/tune.db", study_name="nan2", device="cpu",
+                         cache_dir=str(tmp_path / "cache"), progress=False)
+    runner = StudyRunner(spec, options)
+
+    def unlabel(index: int) -> None:
+        image = runner.runner.images[index]
+        labels = np.full_like(image.sample.labels, runner.dataset.ignore_index)
+        sample = dataclasses.replace(image.sample, labels=labels)
+        runner.runner.images[index] = TuningImage(sample, image.digest)
+
+    unlabel(0)
+    runner.run()
+    done = runner.study.get_trials(states=FINISHED)
+    assert len(done) == 2 and all(np.isfinite(t.values[1]) for t in done)  # the NaN image left out
+    for index in range(len(runner.runner.images)):
+        unlabel(index)
+    runner.trials = 10
+    with pytest.raises(ValueError, match="5 trials in a row failed.*miou_supervised is undefined"):
+        runner.run()
+
+
+def test_options_the_tuner_passes_itself_and_a_tie_break_beside_several_objectives_are_refused(
+        tmp_path, tiny_blip, tiny_clip):
+    from tuner.spec import SpecError
+
+    with pytest.raises(SpecError, match="objective_options.backend"):
+        load_spec(write_spec(tmp_path, tiny_blip, tiny_clip, objective_options={"backend": "x"}))
+    with pytest.raises(SpecError, match="tie_break: a study with several objectives"):
+        load_spec(write_spec(tmp_path, tiny_blip, tiny_clip, objective=None, objective_options=None,
+                             objectives=["clip_margin", "region_agreement"], tie_break="clip_contrastive"))

@@ -91,9 +91,6 @@ def audit_study(study: optuna.Study, options: AuditOptions) -> dict[str, Any]:
             f"study {study.study_name!r} has {len(complete)} completed trial(s); an audit compares "
             "trials and needs at least 2: run more (`tune run --trials N`)"
         )
-    if len(study.directions) > 1:
-        raise ValueError(f"study {study.study_name!r} has {len(study.directions)} objectives: the audit "
-                         "compares one objective with mIoU")
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
     trials = [_trial(t, sign) for t in complete]
     from .selection import choose

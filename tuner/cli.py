@@ -244,9 +244,16 @@ def cmd_run(args, console: Console) -> int:
         spec = spec.replace(objective=args.objective, objective_options=kept)
     if args.model:
         spec = spec.replace(fixed=spec.fixed.replace(model=args.model))
-    if args.clip_model:
+    if args.clip_model:  # the candidate rule's CLIP, and the objective's when it takes one
+        from objectives import objective_class
+
+        from .spec import RESERVED_OPTIONS, option_problem
+
+        takes = not option_problem(objective_class(spec.objective), {"clip_model": args.clip_model},
+                                   RESERVED_OPTIONS["objective"])
         spec = spec.replace(fixed=spec.fixed.replace(candidates_model=args.clip_model),
-                            objective_options={**spec.objective_options, "clip_model": args.clip_model})
+                            objective_options={**spec.objective_options,
+                                               **({"clip_model": args.clip_model} if takes else {})})
     options = RunOptions(
         storage=args.storage, study_name=args.study, trials=args.trials, images=args.images,
         device=None if args.device == "auto" else args.device, seed=args.seed,
@@ -516,10 +523,11 @@ def cmd_eval(args, console: Console) -> int:
 
 def _partition_options(provenance: dict) -> dict:
     """The held-out partition's settings the study used (split_seed, tune_fraction), as numbers."""
-    import yaml
+    from segmenter.yaml_input import load_yaml
 
     recorded = provenance.get("dataset_options") or {}
-    return {k: yaml.safe_load(str(recorded[k])) for k in ("split_seed", "tune_fraction") if k in recorded}
+    return {k: load_yaml(str(recorded[k]), f"provenance dataset_options.{k}")
+            for k in ("split_seed", "tune_fraction") if k in recorded}
 
 
 def _eval_split(dataset, requested: str | None, provenance: dict) -> tuple[str, str]:

@@ -25,7 +25,8 @@ ALIASES = {"head": "heads"}
 #: `postprocess_max_side` (null there: full resolution); benchmark images are smaller than this
 TUNING_POSTPROCESS_MAX_SIDE = 1024
 #: options the tuner passes itself, which a spec may not set
-RESERVED_OPTIONS = {"objective": {"device", "clip"}, "dataset": set()}
+#: options the tuner passes itself (the loaded models, the device): a spec may not set them
+RESERVED_OPTIONS = {"objective": {"device", "clip", "backend"}, "dataset": set()}
 
 
 class SpecError(ValueError):
@@ -83,6 +84,11 @@ class StudySpec:
     tie_break_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.objectives and self.objectives[0] != (self.objective, self.objective_options):
+            # `objective`/`objective_options` are the first objective's one source of truth: an
+            # override (`--objective`, `--clip-model`) that replaces them replaces it in the list too
+            object.__setattr__(self, "objectives",
+                               ((self.objective, self.objective_options), *self.objectives[1:]))
         check_component_options(self)
 
     def replace(self, **changes: Any) -> StudySpec:
@@ -109,18 +115,11 @@ class StudySpec:
     def make_sampler(self, seed: int | None = None) -> optuna.samplers.BaseSampler:
         options = {k: v for k, v in self.sampler.items() if k != "type"}
         options["seed"] = seed if seed is not None else options.get("seed", 0)
-        if self.sampler.get("type", "tpe") == "random":
-            return optuna.samplers.RandomSampler(**options)
-        return optuna.samplers.TPESampler(**options)
+        return SAMPLER_CLASSES[self.sampler.get("type", "tpe")](**options)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
-        kind = self.pruner.get("type", "wilcoxon")
         options = {k: v for k, v in self.pruner.items() if k != "type"}
-        if kind == "median":
-            return optuna.pruners.MedianPruner(**options)
-        if kind == "wilcoxon":
-            return optuna.pruners.WilcoxonPruner(**options)
-        return optuna.pruners.NopPruner()
+        return PRUNER_CLASSES[self.pruner.get("type", "wilcoxon")](**options)
 
 
 def config_from_params(fixed: SegmenterConfig, values: dict[str, Any]) -> SegmenterConfig:
@@ -234,6 +233,9 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
                    "the same config")
     objectives = _parse_objectives(data, fail)
     tie_break, tie_break_options = _parse_tie_break(data.get("tie_break"), fail)
+    if objectives and tie_break:
+        raise fail("tie_break", "a study with several objectives picks from its Pareto front and never "
+                   "breaks ties: leave tie_break out, or make it one of the objectives")
     if objectives and (pruner.get("type", "wilcoxon") != "none"):
         raise fail("pruner", "a study with several objectives cannot prune: set `pruner: {type: none}`")
     objective = objectives[0] if objectives else (str(data.get("objective", "clip_reward")),

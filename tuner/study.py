@@ -36,7 +36,7 @@ from segmenter.images import image_digest
 from .cache import MapCache
 from .datasets import Dataset, disjoint_splits, iter_samples, load_dataset
 from .spec import ParamSpec, StudySpec, config_from_params
-from .trial import CandidatePicker, MapProvider, TrialRunner, TuningImage
+from .trial import CandidatePicker, MapProvider, TrialRunner, TuningImage, finite_mean
 
 DEFAULT_STORAGE = "sqlite:///runs/tune.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -606,8 +606,15 @@ class StudyRunner:
             trial.set_user_attr("iou_per_class", outcome.metrics["iou_per_class"])
         if outcome.extra:
             trial.set_user_attr("extra_objectives_per_image", outcome.extra)
+        extra_means = {name: finite_mean(values) for name, values in outcome.extra.items()}
+        undefined = [name for name, mean in extra_means.items() if not np.isfinite(mean)]
+        if undefined:  # undefined on every image, like the study's own objective above
+            reason = (f"objective {undefined[0]} is undefined (NaN) on all {values.size} tuning images of "
+                      "the trial (miou_supervised: images without labelled pixels)")
+            trial.set_user_attr("fail_reason", reason)
+            raise UndefinedObjective(reason)
         if self.spec.tie_break and self.spec.tie_break in outcome.extra:
-            trial.set_user_attr("tie_break_value", float(np.mean(outcome.extra[self.spec.tie_break])))
+            trial.set_user_attr("tie_break_value", extra_means[self.spec.tie_break])
         elif self.spec.tie_break:  # the tie-break objective is the study's own
             trial.set_user_attr("tie_break_value", outcome.value)
         # another worker may have finished the same config meanwhile: the earlier one counts
@@ -615,7 +622,7 @@ class StudyRunner:
         if earlier is not None:
             trial.set_user_attr("repeat_of", earlier.number)
         if multi:
-            rest = [float(np.mean(outcome.extra[name])) for name, _ in self.spec.objectives[1:]]
+            rest = [extra_means[name] for name, _ in self.spec.objectives[1:]]
             return (outcome.value, *rest)
         return outcome.value
 
@@ -664,6 +671,8 @@ class StudyRunner:
                 if last is None:
                     continue
                 reason = last.user_attrs.get("fail_reason")
+                if reason is None and last.state == TrialState.FAIL and not last.user_attrs.get("surplus"):
+                    reason = f"trial {last.number} failed (see `tune show --study {self.name}`)"
                 if reason or not is_repeat(last):  # a repeat evaluates nothing: it neither fails nor succeeds
                     failures = failures + [reason] if reason else []
                 if len(failures) >= MAX_FAILURES:
@@ -740,8 +749,7 @@ class StudyRunner:
             return None
         if attr not in self.study.user_attrs:
             outcome = self.runner.evaluate(self.spec.fixed)
-            self.study.set_user_attr(attr, {"value": outcome.value, "metrics": outcome.metrics,
-                                            "per_image": [float(v) for v in outcome.per_image]})
+            self.study.set_user_attr(attr, {"value": outcome.value, "metrics": outcome.metrics})
         stored = self.study.user_attrs[attr]
         return SimpleNamespace(value=stored["value"], metrics=stored["metrics"])
 
@@ -769,7 +777,7 @@ class StudyRunner:
         def prepare():
             images, optimistic = self.check_images()
             runner = TrialRunner(self.dataset, images, self.provider, self.objective, self.runner.candidates,
-                                 batch_size=self.batch_size)
+                                 batch_size=self.batch_size, pool=self.runner.pool)
             return (lambda config: runner.evaluate(config).per_image,
                     [im.sample.id for im in images], optimistic)
 

@@ -245,7 +245,7 @@ class TrialRunner:
                 per_image.append(float(score))
                 if trial is not None and np.isfinite(score):  # an undefined value is not reported
                     step = len(per_image) - 1
-                    value = float(score) if self.report == "instance" else _finite_mean(per_image)
+                    value = float(score) if self.report == "instance" else finite_mean(per_image)
                     trial.report(value, step)
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned after {len(per_image)} images")
@@ -266,10 +266,10 @@ class TrialRunner:
         metrics = {}
         if confusion is not None:
             metrics = _metrics_dict(miou(confusion), self.dataset.class_names)
-        return TrialOutcome(_finite_mean(per_image), per_image, confusion, metrics, extra)
+        return TrialOutcome(finite_mean(per_image), per_image, confusion, metrics, extra)
 
 
-def _finite_mean(values: Sequence[float]) -> float:
+def finite_mean(values: Sequence[float]) -> float:
     """The mean of the defined (finite) values; NaN when there are none. An image on which an
     objective is undefined (e.g. miou_supervised without labelled pixels) is skipped."""
     array = np.asarray(values, dtype=np.float64)

@@ -370,16 +370,21 @@ def fetch_dataset(dataset: str, data_root: str | Path, manifest: str | Path | di
     An archive that fails its checksum or its extraction is moved to `<name>.bad`.
     """
     spec = load_manifest(dataset, manifest)
-    unverified = [a.name for a in spec.archives if a.checksum is None]
+    directory = Path(data_root).expanduser()
+    if directory.name != spec.directory:  # a data root, not already the dataset's directory
+        directory = directory / spec.directory
+    downloads = directory / "downloads"
+    for archive in spec.archives:  # a manifest that writes outside the dataset fails before any download
+        target = (directory / archive.extract_to).resolve()
+        if not (target == directory.resolve() or directory.resolve() in target.parents):
+            raise ValueError(f"manifest archive {archive.name}: extract_to leaves {directory}")
+    unverified = [a.name for a in spec.archives if a.checksum is None
+                  and not (downloads / f".{a.name}.extracted").is_file()]  # extracted earlier: nothing to do
     if unverified and not allow_unverified:
         raise ValueError(
             f"no checksum is known for {', '.join(unverified)}: it cannot be verified before it is "
             "extracted; pin its sha256 in a --manifest, or pass --allow-unverified to accept it "
             "unverified (its sha256 is printed before extraction)")
-    directory = Path(data_root).expanduser()
-    if directory.name != spec.directory:  # a data root, not already the dataset's directory
-        directory = directory / spec.directory
-    downloads = directory / "downloads"
     report = FetchReport(directory)
     for archive in spec.archives:
         marker = downloads / f".{archive.name}.extracted"
@@ -397,8 +402,6 @@ def fetch_dataset(dataset: str, data_root: str | Path, manifest: str | Path | di
             if on_unverified:
                 on_unverified(archive.name, sha256)
         target = directory / archive.extract_to
-        if not (target.resolve() == directory.resolve() or directory.resolve() in target.resolve().parents):
-            raise ValueError(f"manifest archive {archive.name}: extract_to leaves {directory}")
         try:
             report.extracted[archive.name] = extract(path, target, archive.members, on_extract)
         except ValueError as err:
