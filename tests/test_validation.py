@@ -402,3 +402,23 @@ def test_cache_key_covers_every_input_of_the_cached_maps(tmp_path, tiny_blip, rn
     second = MapProvider(BlipBackend(str(model_dir), device="cpu"), MapCache(tmp_path / "cache2"))
     after = second.maps(config, images, [["cat"]])[0]
     assert second.model_runs == 1 and not np.allclose(before, after)
+
+
+def test_yaml_that_is_not_utf8_is_a_one_line_error_not_a_replaced_character():
+    with pytest.raises(YamlInputError, match="not UTF-8 text"):
+        load_yaml('prompt_prefix: "café"'.encode("latin-1"), "c.yaml")
+    assert load_yaml('prompt_prefix: "café"'.encode()) == {"prompt_prefix": "café"}
+
+
+def test_overrides_keep_a_multi_objective_specs_first_objective_and_clip_model_where_it_belongs(
+        tmp_path, tiny_blip, tiny_clip, capsys):
+    spec = load_spec(write_spec(tmp_path, tiny_blip, tiny_clip, objective=None, objective_options=None,
+                                objectives={"clip_reward": {}, "region_agreement": {}}))
+    changed = spec.replace(objective="clip_margin", objective_options={})
+    assert [n for n, _ in changed.objectives] == ["clip_margin", "region_agreement"]
+    # --clip-model with an objective that takes no CLIP: the candidate rule's CLIP changes, no error
+    plain = write_spec(tmp_path, tiny_blip, tiny_clip, objective="region_agreement", objective_options={},
+                       trials=1)
+    assert main(["run", "--study-file", str(plain), "--clip-model", tiny_clip, "--device", "cpu",
+                 "--no-progress", "--storage", f"sqlite:///{tmp_path}/t.db",
+                 "--cache-dir", str(tmp_path / "c")]) == 0
