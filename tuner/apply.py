@@ -34,12 +34,6 @@ def read_class_list(classes: str | None, classes_file: str | None) -> list[str]:
     return names
 
 
-def iter_image_paths(inputs: Sequence[str]) -> Iterator[Path]:
-    """Files as given, and the image files below directories (sorted, subdirectories included)."""
-    for path, _ in _inputs_with_bases(inputs):
-        yield path
-
-
 def _inputs_with_bases(inputs: Sequence[str]) -> Iterator[tuple[Path, Path]]:
     """(image file, the directory its output name is taken relative to) for every input."""
     for item in inputs:
@@ -94,20 +88,21 @@ class SegmentReport:
 def segment_paths(
     segmenter: Segmenter,
     class_names: Sequence[str],
-    inputs: Sequence[str],
+    inputs: Sequence[str] | list[tuple[Path, str]],
     out_dir: str | Path,
     save_maps: bool = False,
     progress=None,
 ) -> SegmentReport:
     """Segment every image; write <name>_labels.png, <name>_overlay.png (and <name>_maps.npz)
     below `out_dir`, where <name> is the image's path in the mirrored input tree with its suffix
-    (`plan_outputs`): no two inputs share an output. Images are read as viewed (EXIF)."""
+    (`plan_outputs`): no two inputs share an output. Images are read as viewed (EXIF).
+    `inputs` are paths, or the (image, name) list `plan_outputs` already made of them."""
     from .render import label_png, overlay
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = SegmentReport()
-    planned = plan_outputs(inputs)  # fail on a missing input before any work
+    planned = inputs if inputs and isinstance(inputs[0], tuple) else plan_outputs(inputs)
     names = dict(planned)
     batch: list[tuple[Path, np.ndarray]] = []
 

@@ -326,7 +326,7 @@ def _print_best(study, console: Console, runner=None) -> None:
 def cmd_export(args, console: Console) -> int:
     from segmenter import SegmenterConfig
 
-    from .confidence import ensure_check, verdict
+    from .confidence import ensure_check, not_reliably_better, verdict
     from .outputs import writable_file, write_text_atomic
     from .selection import choose
     from .study import load_study
@@ -353,7 +353,7 @@ def cmd_export(args, console: Console) -> int:
     }
     if len(study.user_attrs.get("objectives") or []) > 1:
         provenance["objective"] = list(study.user_attrs["objectives"])
-    fallback = check.get("reliably_better") is False and not check.get("same_as_default") and not args.force
+    fallback = not_reliably_better(check) and not args.force
     console_err = Console(stderr=True, highlight=False)
     if fallback:  # the numbers of the trial belong to the choice, not to what is written
         config = SegmenterConfig.from_dict(study.user_attrs["fixed"])
@@ -365,7 +365,7 @@ def cmd_export(args, console: Console) -> int:
         console_err.print(f"[yellow]{verdict(check)}[/]", soft_wrap=True)
         console_err.print(f"[yellow]wrote the default config instead of trial #{best.number}; "
                           "`tune export --force` writes the choice anyway[/]", soft_wrap=True)
-    elif check.get("reliably_better") is False and args.force and not check.get("same_as_default"):
+    elif not_reliably_better(check) and args.force:
         provenance["exported"] = "the choice, forced (--force) although not reliably better"
     text = config.to_yaml(provenance={k: v for k, v in provenance.items() if v is not None})
     if output is not None:
@@ -402,10 +402,10 @@ def cmd_show(args, console: Console) -> int:
         console.print(f"* the study's answer: {choice.describe()}", highlight=False)
         check = study.user_attrs.get("confidence_check")
         if check and check.get("trial") == choice.trial.number:
-            from .confidence import verdict
+            from .confidence import not_reliably_better, verdict
 
             console.print(f"confidence check: {verdict(check)}", highlight=False)
-            if check.get("reliably_better") is False and not check.get("same_as_default"):
+            if not_reliably_better(check):
                 console.print("so `tune export` writes the default config (`--force`: this answer)",
                               highlight=False)
     return 0
@@ -488,7 +488,9 @@ def cmd_eval(args, console: Console) -> int:
     total = min(args.images or len(dataset.ids(split)), len(dataset.ids(split)))
     with Progress(console=Console(stderr=True), disable=args.no_progress) as progress, \
             warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # skipped images are listed below
+        from .datasets import SkippedImageWarning
+
+        warnings.simplefilter("ignore", SkippedImageWarning)  # skipped images are listed below
         task = progress.add_task(f"evaluating on {args.dataset}/{split}", total=total)
         result = evaluate_config(
             config, dataset, split, images=args.images, seed=args.seed,
@@ -574,7 +576,8 @@ def cmd_segment(args, console: Console) -> int:
 
     names = read_class_list(args.classes, args.classes_file)
     config = SegmenterConfig.from_yaml(Path(args.config))
-    total = len(plan_outputs(args.inputs))
+    planned = plan_outputs(args.inputs)  # a missing input fails before any work
+    total = len(planned)
     if total == 0:
         from .apply import IMAGE_SUFFIXES
 
@@ -585,7 +588,7 @@ def cmd_segment(args, console: Console) -> int:
                           batch_size=args.batch_size)
     with Progress(console=Console(stderr=True), disable=args.no_progress) as progress:
         task = progress.add_task("segmenting", total=total)
-        report = segment_paths(segmenter, names, args.inputs, args.out, save_maps=args.save_maps,
+        report = segment_paths(segmenter, names, planned, args.out, save_maps=args.save_maps,
                                progress=lambda: progress.advance(task))
     on_disk = sum(1 for path in report.outputs if path.is_file())
     console.print(f"wrote {on_disk} label maps and overlays to {args.out} (named as the inputs, "

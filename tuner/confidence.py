@@ -75,6 +75,12 @@ def check_choice(
     return record
 
 
+def not_reliably_better(record: dict) -> bool:
+    """The check ran and found the choice not reliably better than the (different) default config:
+    the case in which `tune export` writes the default config."""
+    return record.get("reliably_better") is False and not record.get("same_as_default")
+
+
 def verdict(record: dict) -> str:
     """One sentence for a person."""
     if record.get("same_as_default"):

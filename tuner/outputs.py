@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _why(err: OSError) -> str:
-    return err.strerror or str(err).splitlines()[0] or type(err).__name__
+    return err.strerror or next(iter(str(err).splitlines()), "") or type(err).__name__
 
 
 def writable_dir(path: str | Path, what: str = "output directory", create: bool = True) -> Path:
