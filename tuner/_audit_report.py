@@ -148,7 +148,9 @@ def ledger_lines(ledger: dict[str, Any]) -> list[str]:
     touched = ledger["labels_touched"]
     lines = [
         f"labels the study touched: {', '.join(touched) if isinstance(touched, list) else touched}",
-        f"objective {ledger['objective']} reads {ledger['objective_labels']} labels; candidate rule "
+        f"objective {ledger['objective']} reads "
+        + ("no labels" if ledger["objective_labels"] == "none" else f"{ledger['objective_labels']} labels")
+        + "; candidate rule "
         f"{ledger['candidate_rule']} (in trials: {', '.join(ledger['candidate_rules_in_trials'])})",
         "label-free choice: " + "; ".join(ledger["choice_label_use"]),
         f"pixel labels in the study: {ledger['pixel_labels_in_study']}",
