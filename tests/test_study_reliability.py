@@ -223,6 +223,14 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_released(tmp_pa
 
 
 # --- 15.10: undefined objective values -------------------------------------------------------------------
+def unlabel(runner: StudyRunner, index: int) -> None:
+    """The tuning image keeps its pixels and loses every label (its mIoU is undefined)."""
+    image = runner.runner.images[index]
+    labels = np.full_like(image.sample.labels, runner.dataset.ignore_index)
+    sample = dataclasses.replace(image.sample, labels=labels)
+    runner.runner.images[index] = TuningImage(sample, image.digest)
+
+
 def test_undefined_per_image_values_are_skipped_and_a_failing_study_stops(tmp_path, tiny_blip, tiny_clip):
     spec = load_spec(write_spec(tmp_path, tiny_blip, tiny_clip, objective="miou_supervised",
                                 objective_options={}, trials=2))
@@ -230,13 +238,7 @@ def test_undefined_per_image_values_are_skipped_and_a_failing_study_stops(tmp_pa
                          cache_dir=str(tmp_path / "cache"), progress=False)
     runner = StudyRunner(spec, options)
 
-    def unlabel(index: int) -> None:  # the tuning image keeps its pixels, loses every label
-        image = runner.runner.images[index]
-        labels = np.full_like(image.sample.labels, runner.dataset.ignore_index)
-        sample = dataclasses.replace(image.sample, labels=labels)
-        runner.runner.images[index] = TuningImage(sample, image.digest)
-
-    unlabel(0)
+    unlabel(runner, 0)
     runner.run()
     done = runner.study.get_trials(states=FINISHED)
     assert len(done) == 2
@@ -246,7 +248,7 @@ def test_undefined_per_image_values_are_skipped_and_a_failing_study_stops(tmp_pa
         assert t.value == pytest.approx(sum(per_image[1:]) / 3)
 
     for index in range(len(runner.runner.images)):  # no image has labelled pixels: every trial fails
-        unlabel(index)
+        unlabel(runner, index)
     runner.trials = 10
     with pytest.raises(ValueError, match="5 trials in a row failed.*undefined"):
         runner.run()
@@ -360,18 +362,12 @@ def test_a_second_objective_undefined_everywhere_stops_the_study_and_its_partial
                          cache_dir=str(tmp_path / "cache"), progress=False)
     runner = StudyRunner(spec, options)
 
-    def unlabel(index: int) -> None:
-        image = runner.runner.images[index]
-        labels = np.full_like(image.sample.labels, runner.dataset.ignore_index)
-        sample = dataclasses.replace(image.sample, labels=labels)
-        runner.runner.images[index] = TuningImage(sample, image.digest)
-
-    unlabel(0)
+    unlabel(runner, 0)
     runner.run()
     done = runner.study.get_trials(states=FINISHED)
     assert len(done) == 2 and all(np.isfinite(t.values[1]) for t in done)  # the NaN image left out
     for index in range(len(runner.runner.images)):
-        unlabel(index)
+        unlabel(runner, index)
     runner.trials = 10
     with pytest.raises(ValueError, match="5 trials in a row failed.*miou_supervised is undefined"):
         runner.run()
