@@ -727,10 +727,11 @@ class _Audit:
                     "note": "another dataset than the study tuned on"}
         if ids is None:
             try:
+                from ._audit_eval import _takes_root
                 from .datasets import load_dataset
 
                 options = {k: _typed(v) for k, v in (self.attrs.get("dataset_options") or {}).items()}
-                if self.options.data_root:
+                if self.options.data_root and _takes_root(dataset):
                     options["root"] = self.options.data_root
                 ids = load_dataset(dataset, **options).ids(split)
                 method = "ids of the split intersected with the tuning ids"

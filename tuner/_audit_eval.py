@@ -22,7 +22,7 @@ from segmenter.yaml_input import YamlInputError, load_yaml
 
 from ._audit_stats import counts_from_confusion
 from .cache import MapCache
-from .datasets import Dataset, iter_samples, load_dataset
+from .datasets import Dataset, dataset_class, iter_samples, load_dataset
 from .trial import CandidatePicker, MapProvider, TuningImage, view_label_maps
 
 #: keys of the study attr "models" that describe the segmenter; the rest are objective options
@@ -83,6 +83,13 @@ def recorded_objective_options(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: _typed(v) for k, v in (attrs.get("models") or {}).items() if k not in _MODEL_KEYS}
 
 
+def _takes_root(dataset: str) -> bool:
+    """Does the dataset registered as `dataset` read a directory (a `root` option)?"""
+    import inspect
+
+    return "root" in inspect.signature(dataset_class(dataset).__init__).parameters
+
+
 def _typed(value: Any) -> Any:
     if not isinstance(value, str):
         return value
@@ -127,7 +134,7 @@ class Reevaluator:
             options: dict[str, Any] = {}
             if name == self.attrs["dataset"]:
                 options = {k: _typed(v) for k, v in (self.attrs.get("dataset_options") or {}).items()}
-            if self.data_root:
+            if self.data_root and _takes_root(name):  # the shapes world has no directory
                 options["root"] = self.data_root
             self._datasets[name] = load_dataset(name, **options)
         return self._datasets[name]

@@ -148,4 +148,5 @@ def print_scores(result: dict, title: str, console) -> None:
             summary.add_row(label, *(f"{s[key]:.4f}" for s in scores.values()))
         console.print(summary)
     if "paper" in scores:
-        console.print(f"paper protocol on {result['dataset']}: {result['paper']['rule']}", highlight=False)
+        console.print(f"paper protocol on {result['dataset']}: {result['paper']['rule']}", highlight=False,
+                      soft_wrap=True)
