@@ -22,7 +22,9 @@ seen by the sampler), or, with `--dataset/--split`, a re-evaluation of the label
 the top trials and a seeded sample of the others on a labelled split. Intervals need per-image
 segmentation counts, which a study does not store, so the audit re-evaluates the trials'
 configs image by image through the study's own models and map cache (no VLM runs when the
-cache is warm) and checks that it reproduces the stored values. A study whose trials store
+cache is warm) and checks that it reproduces the stored values. `--protocol paper` scores
+mIoU as PnP-OVSS's own code does (tuner.datasets.PROTOCOLS); a study stores standard-protocol
+mIoU, so under it every mIoU is the audit's own re-evaluation. A study whose trials store
 "class_counts_per_image" and "foreground_per_image" needs no re-evaluation (format:
 `tuner._audit._trial_counts`).
 """

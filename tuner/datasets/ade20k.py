@@ -1,7 +1,7 @@
 """ADE20K SceneParsing (ADEChallengeData2016), 150 classes, MMSegmentation layout.
 
 Annotation PNGs hold 0 = "other" (ignored) and 1..150 = the classes, read as class ids 0..149
-(MMSegmentation's reduce_zero_label), 255 ignored.
+(MMSegmentation's reduce_zero_label), 255 ignored. The paper protocol counts "other" as class 0.
 """
 
 from __future__ import annotations
