@@ -10,6 +10,7 @@ import numpy as np
 from objectives import miou, num_label_classes
 from segmenter import Backend, SegmenterConfig, load_backend
 from segmenter.backends import resolve_batch_size
+from segmenter.candidate_file import load_candidate_file
 from segmenter.images import image_digest
 
 from .cache import MapCache
@@ -44,11 +45,14 @@ def evaluate_config(
         raise ValueError(f"dataset {dataset.name!r} has no labels: evaluation needs a labelled dataset")
     dataset.check_split(split)
     ids = pick_tuning_ids(dataset, split, images, seed) if images else dataset.ids(split)
+    lists = load_candidate_file(config.candidates_file) if config.candidates == "file" else None
+    if lists is not None:  # every image has a list of known names, before the model loads
+        lists.check(ids, dataset.vocabulary, dataset.vocabulary_synonyms, f"images of {dataset.name}/{split}")
     backend = backend or load_backend(config.backend, config.model, config.revision, device=device)
     backend.check_layer_heads(config.layer, config.heads)
     batch_size = resolve_batch_size(batch_size, backend, config.image_size)
     provider = MapProvider(backend, MapCache(cache_dir), batch_size)
-    picker = CandidatePicker(dataset.vocabulary, backend)
+    picker = CandidatePicker(dataset.vocabulary, backend, synonyms=dataset.vocabulary_synonyms)
     size = num_label_classes(dataset.class_names)
     confusion = np.zeros((size, size), dtype=np.int64)
     stream = iter_samples(dataset, split, ids, strict=strict)
@@ -82,5 +86,6 @@ def evaluate_config(
         "skipped": [{"id": sid, "reason": why} for sid, why in stream.skipped],
         "config_hash": config_hash(config), "candidate_rule": config.candidates,
         "labels_used": "image-level" if config.uses_image_labels else "none",
+        "external_sources": [lists.source()] if lists is not None else [],
         **metrics,
     }
