@@ -217,3 +217,24 @@ def test_study_records_the_file_and_its_hash_and_refuses_a_changed_file(tmp_path
     err = capsys.readouterr().err
     assert "no class list for 1 of the" in err and repr(tuning[1]) in err
     assert not optuna.load_study(study_name="other", storage=storage).trials
+
+
+def test_an_empty_list_is_background_in_trials_without_a_model_pass(tmp_path, tiny_blip, blip):
+    from objectives import get_objective
+    from segmenter.images import image_digest
+    from tuner.cache import MapCache
+    from tuner.trial import CandidatePicker, MapProvider, TrialRunner, TuningImage
+
+    shapes = load_dataset("shapes", size=40)
+    sample = shapes.load("val", shapes.ids("val")[0])
+    assert sample.image_classes  # the image shows shapes; the file says it shows none
+    lists = write_lists(tmp_path / "l.json", {sample.id: []})
+    config = SegmenterConfig(model=tiny_blip, image_size=32, layer=2, heads=(1,), dropout_rounds=1,
+                             crf_iterations=2, candidates="file", candidates_file=lists)
+    provider = MapProvider(blip, MapCache(None))
+    runner = TrialRunner(shapes, [TuningImage(sample, image_digest(sample.image))], provider,
+                         get_objective("miou_supervised"), CandidatePicker(shapes.vocabulary, blip))
+    outcome = runner.evaluate(config)
+    assert provider.model_runs == 0 and outcome.confusion[:, 1:].sum() == 0  # all predicted background
+    assert outcome.confusion.sum() == sample.image.shape[0] * sample.image.shape[1]
+    assert np.isfinite(outcome.value)
