@@ -48,7 +48,9 @@ def evaluate_config(
     lists = load_candidate_file(config.candidates_file) if config.candidates == "file" else None
     if lists is not None:  # every image has a list of known names, before the model loads
         lists.check(ids, dataset.vocabulary, dataset.vocabulary_synonyms, f"images of {dataset.name}/{split}")
-    backend = backend or load_backend(config.backend, config.model, config.revision, device=device)
+    backend = backend or load_backend(config.backend, config.model, config.revision, device=device,
+                                      dtype=config.dtype)
+    backend.itm_token = config.itm_token
     backend.check_layer_heads(config.layer, config.heads)
     batch_size = resolve_batch_size(batch_size, backend, config.image_size)
     provider = MapProvider(backend, MapCache(cache_dir), batch_size)
