@@ -686,9 +686,13 @@ class _Audit:
             "objective_labels": objective_labels,
             "candidate_rule": attrs.get("candidate_rule"),
             "candidate_rules_in_trials": rules,
+            # files the study read beside the dataset (candidates: file): not labels, by content hash
+            "external_sources": list(attrs.get("external_sources") or []),
             "trials_using_image_labels": image_level,
             "choice_is_label_free": not reasons if objective_labels != "unknown" else None,
-            "choice_label_use": reasons or ["none: the objective and the choice's candidates read no labels"],
+            "choice_label_use": reasons or ["none: the objective and the choice's candidates read no labels"
+                                            + (" of the dataset (its candidates come from an external file, "
+                                               "below)" if attrs.get("external_sources") else "")],
             "pixel_labels_in_study": "mIoU recorded per trial for reporting only (never the objective, "
                                      "never shown to the sampler)" if stored else "not read",
             "pixel_labels_in_audit": self._audit_label_use(),

@@ -155,7 +155,8 @@ class Reevaluator:
         name = images.dataset.name
         if name not in self._pickers:
             self._pickers[name] = CandidatePicker(images.dataset.vocabulary, self.backend,
-                                                  getattr(self.objective, "clip", None))
+                                                  getattr(self.objective, "clip", None),
+                                                  images.dataset.vocabulary_synonyms)
         return self._pickers[name]
 
     def evaluate(self, config: SegmenterConfig, images: ImageSet,

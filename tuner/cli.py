@@ -361,6 +361,7 @@ def cmd_export(args, console: Console) -> int:
         "tuning_ids": study.user_attrs.get("tuning_ids"),
         "dataset_options": study.user_attrs.get("dataset_options") or None,
         "labels_touched": study.user_attrs.get("labels_touched"),
+        "external_sources": study.user_attrs.get("external_sources") or None,
         "miou": best.user_attrs.get("miou"), "package_version": study.user_attrs.get("package_version"),
         "choice": choice.summary(),
         "confidence_check": {k: check.get(k) for k in ("reliably_better", "p_value", "effect", "images",
@@ -602,6 +603,13 @@ def cmd_segment(args, console: Console) -> int:
 
         raise ValueError(f"no image found in {', '.join(args.inputs)} (nor below it): give image files "
                          f"or directories holding {', '.join(sorted(IMAGE_SUFFIXES))} files")
+    if config.candidates == "file":  # every input has a list of known names, before the model loads
+        from segmenter.candidate_file import load_candidate_file
+
+        from .apply import image_id
+
+        load_candidate_file(config.candidates_file).check([image_id(n) for _, n in planned], names,
+                                                          what="input images")
     writable_dir(args.out, "--out directory")  # before the model loads
     segmenter = Segmenter(config, device=None if args.device == "auto" else args.device,
                           batch_size=args.batch_size)

@@ -14,6 +14,7 @@ import numpy as np
 from objectives import confusion_matrix, miou, num_label_classes, to_class_ids
 from segmenter import Backend, SegmenterConfig, load_backend, postprocess
 from segmenter.backends import resolve_batch_size
+from segmenter.candidate_file import load_candidate_file
 from segmenter.images import image_digest
 
 from .cache import MapCache
@@ -66,13 +67,16 @@ def evaluate_config(
         dataset.check_protocol(name)
     dataset.check_split(split)
     ids = pick_tuning_ids(dataset, split, images, seed) if images else dataset.ids(split)
+    lists = load_candidate_file(config.candidates_file) if config.candidates == "file" else None
+    if lists is not None:  # every image has a list of known names, before the model loads
+        lists.check(ids, dataset.vocabulary, dataset.vocabulary_synonyms, f"images of {dataset.name}/{split}")
     backend = backend or load_backend(config.backend, config.model, config.revision, device=device,
                                       dtype=config.dtype)
     backend.itm_token = config.itm_token
     backend.check_layer_heads(config.layer, config.heads)
     batch_size = resolve_batch_size(batch_size, backend, config.image_size)
     provider = MapProvider(backend, MapCache(cache_dir), batch_size)
-    picker = CandidatePicker(dataset.vocabulary, backend)
+    picker = CandidatePicker(dataset.vocabulary, backend, synonyms=dataset.vocabulary_synonyms)
     names = {p: dataset.scored_class_names(p) for p in scored}
     confusion = {p: np.zeros((num_label_classes(names[p]),) * 2, dtype=np.int64) for p in scored}
     stream = iter_samples(dataset, split, ids, strict=strict)
@@ -110,6 +114,7 @@ def evaluate_config(
         "skipped": [{"id": sid, "reason": why} for sid, why in stream.skipped],
         "config_hash": config_hash(config), "candidate_rule": config.candidates,
         "labels_used": "image-level" if config.uses_image_labels else "none",
+        "external_sources": [lists.source()] if lists is not None else [],
         "protocol": protocol,
     }
     if "standard" in scored:

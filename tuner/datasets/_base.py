@@ -181,6 +181,12 @@ class Dataset(abc.ABC):
         names = self.class_names
         return names[1:] if self.has_background else names
 
+    @property
+    def vocabulary_synonyms(self) -> tuple[tuple[str, ...], ...]:
+        """`synonyms` of the `vocabulary` classes, one tuple per vocabulary name."""
+        synonyms = tuple(self.synonyms)
+        return synonyms[1:] if self.has_background else synonyms
+
     def class_id(self, name: str) -> int:
         return self.class_names.index(name)
 
