@@ -6,7 +6,8 @@ The authors publish, per benchmark, JSON files whose values are GPT-4o's answers
 `"[2: 'bicycle', 15: 'person'], [100, 80]"`, the classes (their list's 1-based id and name,
 quoted or not) and a confidence per class (a number, `95%`, or `person: 95%`). Their code keeps
 the classes whose confidence is above 70; so does this tool (`--min-confidence`). Names are kept
-as written (`pottedplant`, `tvmonitor`, `table`): the `file` candidate rule matches them to the
+as written (`pottedplant`, `tvmonitor`, `table`; of ADE20K's `door;double;door` the first name,
+`door`, as in the MMSeg class list): the `file` candidate rule matches them to the
 dataset's classes through its synonyms and reports any it cannot match. An answer with no class
 above the cut gets an empty list (every pixel background); the authors' code falls back to their
 list's first class there instead. A value that cannot be read is a one-line error naming its id.
@@ -39,7 +40,7 @@ def parse_answer(text: str, min_confidence: float = 70.0) -> list[str]:
         match = _CLASS.match(item)
         if not match or not match.group(2).strip():
             raise ValueError(f"cannot read the class {item.strip()!r} (want `id: 'name'`)")
-        classes.append(match.group(2).strip())
+        classes.append(match.group(2).split(";")[0].strip())
     if len(groups) < 2:
         raise ValueError("no confidences after the class list")
     confidences = []

@@ -56,7 +56,8 @@ BY_NAME = {b.dataset: b for b in BENCHMARKS}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", required=True, help="directory holding the datasets under their usual names")
+    p.add_argument("--data-root", required=True,
+                   help="directory holding the datasets under their usual names")
     p.add_argument("--datasets", default=",".join(b.dataset for b in BENCHMARKS),
                    help="comma-separated benchmarks (default: all five: %(default)s)")
     p.add_argument("--model", default=None, help="BLIP ITM model id or directory (default: the preset's, "
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="candidate rule where no list is given (default %(default)s)")
     p.add_argument("--clip-model", default=None, help="CLIP model of clip_topk (default: the preset's)")
     p.add_argument("--split", default="val", help="split to evaluate (default %(default)s)")
-    p.add_argument("--images", type=int, default=None, help="evaluate a seeded subset of N images per benchmark")
+    p.add_argument("--images", type=int, default=None,
+                   help="evaluate a seeded subset of N images per benchmark")
     p.add_argument("--seed", type=int, default=0, help="seed of that subset (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", default="auto", help="images per model batch (default auto)")
@@ -85,7 +87,8 @@ def _lists(pairs: list[str], wanted: list[str]) -> dict[str, Path]:
         if not sep or not name or not path:
             raise ValueError(f"--lists {pair!r}: write DATASET=FILE, e.g. --lists voc=voc_lists.json")
         if name not in wanted:
-            raise ValueError(f"--lists {pair!r}: {name!r} is not among the benchmarks run ({', '.join(wanted)})")
+            raise ValueError(f"--lists {pair!r}: {name!r} is not among the benchmarks run "
+                             f"({', '.join(wanted)})")
         if not Path(path).is_file():
             raise ValueError(f"--lists {pair!r}: no such file {path}")
         out[name] = Path(path)
