@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="BLIP ITM model id or directory (default: the preset's, "
                    "Salesforce/blip-itm-large-flickr)")
     p.add_argument("--image-size", type=int, default=None, help="BLIP input side (default: the preset's 336)")
+    p.add_argument("--layer", type=int, default=None, help="GradCAM layer (default: the paper's 8)")
+    p.add_argument("--heads", default=None, help="comma-separated heads (default: the paper's 9)")
     p.add_argument("--lists", action="append", default=[], metavar="DATASET=FILE",
                    help="per-image class lists (candidates: file) for a benchmark; repeat per benchmark")
     p.add_argument("--candidates", default="clip_topk", choices=("clip_topk", "itm_threshold", "all"),
@@ -104,6 +106,10 @@ def benchmark_config(bench: Benchmark, args: argparse.Namespace, lists: dict[str
         changes["model"] = args.model
     if args.image_size:
         changes["image_size"] = args.image_size
+    if args.layer:
+        changes["layer"] = args.layer
+    if args.heads:
+        changes["heads"] = tuple(int(h) for h in args.heads.split(","))
     if bench.dataset in lists:
         changes.update(candidates="file", candidates_file=str(lists[bench.dataset].resolve()))
     else:
