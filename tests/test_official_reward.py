@@ -184,7 +184,9 @@ def test_the_audit_ledger_says_the_search_read_image_level_labels(tmp_path, tiny
     assert main(["audit", "--study", "shapes-clip_margin", "--storage", storage, "--no-cache",
                  "--device", "cpu", "--no-progress", "-o", str(out), "--bootstrap", "20"]) == 0
     assert "search protocol paper" in capsys.readouterr().out
-    ledger = json.loads((out / "audit.json").read_text())["ledger"]
+    report = json.loads((out / "audit.json").read_text())
+    assert report["consistency"]["reproduced"] is True  # re-evaluated under the study's protocol
+    ledger = report["ledger"]
     assert ledger["search_protocol"] == "paper" and "image-level" in ledger["labels_touched"]
     assert ledger["choice_is_label_free"] is False
     assert any("protocol paper reads image-level labels" in r for r in ledger["choice_label_use"])
