@@ -15,7 +15,7 @@ import numpy as np
 import optuna
 
 from objectives import VIEWS, Objective, ScoreInput, confusion_matrix, miou, num_label_classes, to_class_ids
-from segmenter import Backend, SegmenterConfig, build_prompt, postprocess, salience_dropout
+from segmenter import Backend, SegmenterConfig, postprocess, prompt_for, salience_dropout
 from segmenter.images import image_digest
 
 from .cache import MapCache, cache_key
@@ -82,14 +82,16 @@ class MapProvider:
              caption: Sequence[str] | None = None) -> str:
         parts = dict(
             backend=config.backend, model=self.backend.model_id, revision=self.backend.revision,
-            weights=self.weights, image=digest, image_size=config.image_size,
-            candidates=list(candidates), prompt=config.prompt_prefix, layer=config.layer,
+            weights=self.weights, dtype=str(self.backend.dtype), image=digest,
+            image_size=config.image_size, candidates=list(candidates), prompt=config.prompt_prefix,
+            spelling=config.class_spelling, aliases=[list(a) for a in config.prompt_aliases],
+            itm_token=config.itm_token, layer=config.layer,
         )
-        if config.dropout_rounds > 1:  # dropped patches depend on the heads and the schedule,
-            # and the stored sum weighs the first round by the double-count flag
+        if config.dropout_rounds > 1:  # dropped patches depend on the heads, the schedule and the
+            # salience rule, and the stored sum weighs the first round by the double-count flag
             parts.update(heads=list(config.heads), schedule=config.dropout_schedule,
                          rounds=config.dropout_rounds, k=config.dropout_k,
-                         first_twice=config.dropout_count_first_twice)
+                         first_twice=config.dropout_count_first_twice, salience=config.dropout_salience)
         if caption is not None:  # the caption lists other names than the candidates (protocol paper)
             parts["caption"] = list(caption)
         return cache_key(**parts)
@@ -111,10 +113,9 @@ class MapProvider:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             pixels = self.backend.prepare_images([images[i].sample.image for i in chunk], config.image_size)
-            names = [candidates[i] if caption is None else caption for i in chunk]
-            prompts = [build_prompt(config.prompt_prefix, n) for n in names]
+            prompts = [prompt_for(config, candidates[i] if caption is None else caption) for i in chunk]
             if config.dropout_rounds == 1:  # every head of the layer from one pass
-                cams = self.backend.gradcam(pixels, prompts, [config.layer])
+                cams = self.backend.gradcam(pixels, prompts, [config.layer], itm_token=config.itm_token)
                 computed = [c[0].cpu().numpy() for c in cams]  # [heads, C, gh, gw]
             else:
                 computed = [m.cpu().numpy() for m in salience_dropout(self.backend, pixels, prompts, config)]
@@ -156,7 +157,7 @@ def check_caption(backend: Backend, config: SegmenterConfig, caption: Sequence[s
     if tokenize is None:
         return
     try:
-        tokenize([build_prompt(config.prompt_prefix, caption)])
+        tokenize([prompt_for(config, caption)])
     except ValueError as err:
         text = str(err)
         if "tokens, more than" not in text:
