@@ -20,7 +20,7 @@ WORDS = [
 
 
 def save_tiny_blip(path, *, text_layers=3, heads=4, image_size=32, patch=8, seed=0, hidden=32,
-                   enc=False) -> str:
+                   enc=False, max_positions=64) -> str:
     """A randomly initialised BlipForImageTextRetrieval + processor, saved with save_pretrained.
 
     `enc=True`: the tokenizer also has BLIP's [ENC] token (a special token, last id), as LAVIS's.
@@ -39,7 +39,7 @@ def save_tiny_blip(path, *, text_layers=3, heads=4, image_size=32, patch=8, seed
     config = BlipConfig(
         text_config=dict(
             vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=text_layers,
-            num_attention_heads=heads, intermediate_size=64, max_position_embeddings=64,
+            num_attention_heads=heads, intermediate_size=64, max_position_embeddings=max_positions,
             pad_token_id=0, bos_token_id=2, sep_token_id=3, initializer_range=0.2,
         ),
         vision_config=dict(
