@@ -6,7 +6,8 @@
 `save` builds a tiny BLIP ITM model and a tiny CLIP from fixed configs, writes their weights
 (safetensors) and what the project computes from them to DIR: GradCAM maps of every layer and
 head at the checkpoint's own size and at an interpolated one (`interpolate_pos_encoding`), with
-and without dropped patches, captions of different lengths in one batch; ITM scores; patch
+and without dropped patches, with [CLS] or BLIP's [ENC] first and token-level salience, captions
+of different lengths in one batch; ITM scores; patch
 features; CLIP image and text embeddings. `compare` rebuilds the same models on the installed
 transformers from those weights, recomputes everything and exits 1 when any array differs by
 more than 1e-4 of its largest value. Tests that pass can still hide a wrong map (a forward hook
@@ -31,7 +32,7 @@ BLIP_WORDS = ["a", "picture", "of", "cat", "dog", "person", "traffic", "light", 
               "potted", "plant", "tri", "##angle", "##s"]
 CLIP_WORDS = ["a", "picture", "of", "cat", "dog", "person", "sky", "grass", "red", "blue"]
 BLIP_CONFIG = dict(
-    text_config=dict(vocab_size=5 + len(BLIP_WORDS), hidden_size=32, num_hidden_layers=3,
+    text_config=dict(vocab_size=6 + len(BLIP_WORDS), hidden_size=32, num_hidden_layers=3,
                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
                      pad_token_id=0, bos_token_id=2, sep_token_id=3, initializer_range=0.2),
     vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -45,8 +46,9 @@ TOLERANCE = 1e-4  # of each array's largest absolute value
 def blip_tokenizer(folder: Path):
     from transformers import BertTokenizerFast
 
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BLIP_WORDS]))
-    return BertTokenizerFast.from_pretrained(folder)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BLIP_WORDS, "[ENC]"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast.from_pretrained(folder, additional_special_tokens=["[ENC]"])
 
 
 def clip_tokenizer(folder: Path):
@@ -146,12 +148,16 @@ def outputs(blip_path: str, clip_path: str) -> dict[str, np.ndarray]:
             pixels = backend.prepare_images(images, size)
             side = size // 8
             dropped = torch.from_numpy(rng.random((len(images), side * side)) < 0.3)
-            for tag, drop in (("", None), ("_dropped", dropped)):
-                for b, maps in enumerate(backend.gradcam(pixels, prompts, [1, 2, 3], dropped=drop)):
-                    out[f"gradcam_sdpa{int(sdpa)}_{size}{tag}_image{b}"] = maps.numpy()
+            variants = (("", None, {}), ("_dropped", dropped, {}),  # + BLIP's [ENC] first, token salience
+                        ("_enc_tokens", dropped, dict(itm_token="enc", token_salience=True)))
+            for tag, drop, options in variants:
+                maps = backend.gradcam(pixels, prompts, [1, 2, 3], dropped=drop, **options)
+                for b, image_maps in enumerate(maps):
+                    out[f"gradcam_sdpa{int(sdpa)}_{size}{tag}_image{b}"] = image_maps.numpy()
             if sdpa:
                 texts = [p.text for p in prompts] + ["a dog", "sky"]
                 out[f"itm_scores_{size}"] = backend.itm_scores(pixels, texts).numpy()
+                out[f"itm_scores_enc_{size}"] = backend.itm_scores(pixels, texts, itm_token="enc").numpy()
                 out[f"itm_pair_scores_{size}"] = backend.itm_pair_scores(pixels, texts[:3]).numpy()
                 out[f"patch_features_{size}"] = backend.patch_features(pixels).numpy()
     clip = ClipScorer(clip_path, device="cpu", dtype="float32")
