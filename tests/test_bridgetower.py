@@ -42,7 +42,7 @@ def tiny_config():
     return BridgeTowerConfig(
         hidden_size=16, num_attention_heads=HEADS, num_hidden_layers=CROSS_LAYERS, initializer_factor=8,
         text_config=dict(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=4,
-                         num_attention_heads=HEADS, intermediate_size=32, max_position_embeddings=40),
+                         num_attention_heads=HEADS, intermediate_size=32, max_position_embeddings=130),
         # nn.MultiheadAttention of the ViT takes hidden_size // 64 heads: 64 is the smallest width
         vision_config=dict(hidden_size=64, num_hidden_layers=4, patch_size=PATCH, image_size=IMAGE_SIZE),
     ), tokenizer
