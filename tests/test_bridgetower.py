@@ -17,9 +17,14 @@ WORDS = ["a", "picture", "of", "cat", "dog", "sky", "grass"]
 
 
 def roberta_tokenizer():
-    """A byte-level BPE RobertaTokenizer: single letters plus merges that spell each word, with and
-    without the leading space ("Ġcat", "cat"); other words fall apart into letters."""
-    from transformers import RobertaTokenizer
+    """A byte-level BPE RoBERTa tokenizer: single letters plus merges that spell each word, with and
+    without the leading space ("Ġcat", "cat"); other words fall apart into letters. Read from
+    vocab.json and merges.txt, the form transformers 4.x and 5.x share."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from transformers import RobertaTokenizerFast
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
     for ch in string.ascii_lowercase + "Ġ":
@@ -32,7 +37,10 @@ def roberta_tokenizer():
                 merges.append((current, symbol))
             current += symbol
             vocab.setdefault(current, len(vocab))
-    return RobertaTokenizer(vocab=vocab, merges=merges)
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(json.dumps(vocab))
+        Path(folder, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return RobertaTokenizerFast.from_pretrained(folder)
 
 
 def tiny_config():
@@ -50,15 +58,14 @@ def tiny_config():
 
 def save_tiny_bridgetower(path, model_cls_name: str = "BridgeTowerForImageAndTextRetrieval") -> str:
     import transformers
-    from transformers import BridgeTowerProcessor
-    from transformers.models.bridgetower import image_processing_pil_bridgetower as pil
+    from transformers import BridgeTowerImageProcessor, BridgeTowerProcessor
 
     config, tokenizer = tiny_config()
     torch.manual_seed(0)
     model = getattr(transformers, model_cls_name)(config).eval()
     model.save_pretrained(path)
-    image_processor = pil.BridgeTowerImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
-                                                       crop_size={"shortest_edge": IMAGE_SIZE})
+    image_processor = BridgeTowerImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                                crop_size={"shortest_edge": IMAGE_SIZE})
     BridgeTowerProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return str(path)
 
@@ -101,9 +108,12 @@ def reference_gradcam(path: str, pixels: torch.Tensor, texts: list[str]) -> torc
 
     hooks = [layer.crossattention.self.register_forward_hook(keep)
              for layer in model.bridgetower.cross_modal_text_layers]
-    logits = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                   pixel_values=pixels, pixel_mask=torch.ones(pixels.shape[0], *pixels.shape[2:]),
-                   interpolate_pos_encoding=pixels.shape[-1] != IMAGE_SIZE).logits  # [B, 2]
+    image = {"pixel_values": pixels, "pixel_mask": torch.ones(pixels.shape[0], *pixels.shape[2:])}
+    if pixels.shape[-1] != IMAGE_SIZE:  # interpolated position embeddings: the embedded patches go in
+        # (the forward's own `interpolate_pos_encoding` is missing before transformers 5)
+        visual = model.bridgetower.vision_model.visual
+        image = {"image_embeds": visual.forward_pre(pixels, interpolate_pos_encoding=True).permute(1, 0, 2)}
+    logits = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], **image).logits
     logits[:, 1].sum().backward()
     for hook in hooks:
         hook.remove()

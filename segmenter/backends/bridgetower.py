@@ -69,8 +69,8 @@ class BridgeTowerBackend(Backend):
             processor = AutoProcessor.from_pretrained(path, revision=revision)
         except (OSError, ValueError, TypeError) as err:
             raise load_error("BridgeTower processor", self.model_id, err) from None
-        if getattr(net.config, "_attn_implementation", "eager") != "eager":
-            net.set_attn_implementation("eager")  # GradCAM reads the attention probabilities
+        if getattr(net.config, "_attn_implementation", "eager") != "eager":  # GradCAM reads the probabilities
+            net.set_attn_implementation("eager")
         net.requires_grad_(False)
         self.model = net.eval().to(self.device, self.dtype)
         self.tokenizer = processor.tokenizer
@@ -177,19 +177,18 @@ class BridgeTowerBackend(Backend):
 
     def _text_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The caption inputs of the cross-modal encoder per layer (each [T, L, D]), and the
-        additive key mask of the captions' padding ([T, 1, 1, L], None when nothing is padded)."""
-        from transformers.masking_utils import create_bidirectional_mask
-
+        additive key mask of the captions' padding (0 kept, the dtype's minimum padded). # [T, 1, 1, L]"""
         tower = self.model.bridgetower
         hidden = tower.text_model.embeddings(input_ids=input_ids)  # [T, L, Dt]
-        mask = create_bidirectional_mask(config=tower.config, inputs_embeds=hidden[:, :1],
-                                         attention_mask=attention_mask)
+        padded = 1.0 - attention_mask[:, None, None, :].to(hidden.dtype)
+        mask = padded * torch.finfo(hidden.dtype).min  # [T, 1, 1, L]
         typed = tower.token_type_embeddings.weight[TEXT_TYPE]  # [D]
         layers, states = tower.text_model.encoder.layer, []
         for i in range(self._split + self.num_layers - 1):
             hidden = layers[i](hidden, mask)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # a tuple before transformers 5
             if i >= self._split - 1:
                 states.append(_nth(tower.cross_modal_text_transform, len(states))(hidden) + typed)
         states[0] = tower.cross_modal_text_layernorm(states[0])
@@ -197,7 +196,7 @@ class BridgeTowerBackend(Backend):
 
     # -- the cross-modal encoder and the ITM head ---------------------------------------------------
     def _itm_logits(
-        self, text: Sequence[torch.Tensor], image: Sequence[torch.Tensor], mask: torch.Tensor | None
+        self, text: Sequence[torch.Tensor], image: Sequence[torch.Tensor], mask: torch.Tensor
     ) -> torch.Tensor:
         """ITM logits [P, 2] of P (caption, image) pairs from their per-layer cross-modal inputs."""
         tower = self.model.bridgetower
@@ -245,7 +244,7 @@ class BridgeTowerBackend(Backend):
         # ordinary tensors (inference tensors cannot enter autograd); the image states the only leaves
         image = [s.clone().requires_grad_(True) for s in image]
         text = [s.clone() for s in text]
-        mask = None if mask is None else mask.clone()
+        mask = mask.clone()
 
         captured: dict[int, torch.Tensor] = {}
         hooks = []
@@ -302,8 +301,7 @@ class BridgeTowerBackend(Backend):
         step, scores = max(1, int(batch_size)), []
         for start in range(0, len(pairs), step):
             b, t = pairs[start : start + step].unbind(1)  # [P], [P]
-            logits = self._itm_logits([s[t] for s in text], [s[b] for s in image],
-                                      None if mask is None else mask[t]).float()  # [P, 2]
+            logits = self._itm_logits([s[t] for s in text], [s[b] for s in image], mask[t]).float()  # [P, 2]
             scores.append(logits.softmax(-1)[:, ITM_MATCH])
         return torch.cat(scores).view(batch, len(texts))
 
