@@ -9,7 +9,7 @@ from .candidates import candidate_indices, candidate_label_use, select_candidate
 from .clip import ClipScorer
 from .config import SegmenterConfig
 from .images import as_rgb_uint8, read_image
-from .pipeline import SegmentationResult, Segmenter, postprocess, salience_dropout
+from .pipeline import SegmentationResult, Segmenter, postprocess, prompt_for, salience_dropout
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "candidate_label_use",
     "load_backend",
     "postprocess",
+    "prompt_for",
     "read_image",
     "register_backend",
     "salience_dropout",

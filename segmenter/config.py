@@ -1,7 +1,11 @@
 """`SegmenterConfig`: every setting of the PnP-OVSS pipeline in one frozen dataclass.
 
-Defaults are the official values (ALGORITHM.md). The YAML form is what `tune export` writes and
-what `tune segment` / `tune eval` read; `from_yaml(to_yaml(c)) == c` holds exactly.
+The defaults are ours: the authors' values where theirs are sound, our choice where ours is
+better, and each field's comment says which ("[official]" or "[ours]", with the authors' value).
+`SegmenterConfig.preset("official")` reproduces the authors' code (github letitiabanana/PnP-OVSS;
+README "Differences from the authors' code"). The YAML form is what `tune export` writes and what
+`tune segment` / `tune eval` read; `from_yaml(to_yaml(c)) == c` holds exactly. A YAML mapping may
+start from a preset: `preset: official` and then the settings that differ from it.
 
 Settings whose cost grows with their value have upper bounds (`BOUNDS`), so no config can ask
 for hours of work per image.
@@ -25,6 +29,10 @@ BLUR_BACKENDS = ("scipy", "torch")
 CRF_BACKENDS = ("dense", "conv")
 BACKGROUND_RULES = ("always", "never", "auto")
 CANDIDATE_RULES = ("all", "clip_topk", "itm_threshold", "oracle")
+ITM_TOKENS = ("cls", "enc")
+DROPOUT_SALIENCES = ("classes", "tokens")
+CLASS_SPELLINGS = ("given", "joined")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 #: upper bounds of the settings whose cost grows with them (the official value in brackets):
 #: image_size (336) sets the ViT's work, which grows as its square or faster; dropout_rounds (4)
@@ -40,6 +48,22 @@ MIN_POSTPROCESS_SIDE = 32
 
 # Keys a config file may carry beside the settings; they describe where the file came from.
 PROVENANCE_KEY = "provenance"
+# The key that makes a YAML mapping start from a preset (`preset: official`).
+PRESET_KEY = "preset"
+
+#: the authors' code (PnP-OVSS, github letitiabanana/PnP-OVSS @e439962) where it differs from
+#: our defaults; README "Differences from the authors' code" gives the file and line of each
+OFFICIAL = {
+    "itm_token": "enc", "dropout_count_first_twice": True, "dropout_salience": "tokens",
+    "class_spelling": "joined", "dtype": "float32", "align_corners": True,
+}
+#: the official prompt words that joining the name's words does not give, by dataset
+#: (the official VOC list says `table` and `tvmonitor`; ADE20K and COCO join every name)
+OFFICIAL_ALIASES = {
+    "voc": {"dining table": "table", "television monitor": "tvmonitor"},
+    "voc20": {"dining table": "table", "television monitor": "tvmonitor"},
+}
+PRESETS = {"default": {}, "official": OFFICIAL}
 
 
 @dataclass(frozen=True)
@@ -55,8 +79,22 @@ class SegmenterConfig:
     model: str = "Salesforce/blip-itm-large-flickr"
     revision: str | None = None
     image_size: int = 336
+    #: the models' precision: "auto" = bfloat16 on a CUDA GPU that has it, float32 elsewhere
+    #: [ours: about 2x faster on a GPU]; "float32" [official]; the CLIP objectives follow it
+    dtype: str = "auto"
     # 2. Prompt
     prompt_prefix: str = "a picture of "
+    #: how a class name is written in the caption: "given" as the class list spells it [ours:
+    #: `dining table`]; "joined" with its spaces and hyphens removed [official: `diningtable`;
+    #: the official word-piece grouping needs one word per class]
+    class_spelling: str = "given"
+    #: caption words that replace given class names ({name: word}, e.g. VOC's official
+    #: `dining table: table`); the label map and the outputs keep the given names
+    prompt_aliases: tuple[tuple[str, str], ...] = ()
+    #: the caption's first token in the ITM pass: "cls" the tokenizer's [CLS] [ours: what
+    #: transformers' BLIP ITM feeds, and every checkpoint's tokenizer has it]; "enc" BLIP's [ENC],
+    #: which BLIP was trained for ITM with [official: LAVIS swaps it in]
+    itm_token: str = "cls"
     # 3. GradCAM source
     layer: int = 8
     heads: tuple[int, ...] = (9,)
@@ -64,9 +102,18 @@ class SegmenterConfig:
     dropout_schedule: str = "topk"
     dropout_rounds: int = 4
     dropout_k: int = 10
+    #: the first round's maps count twice in the sum [official: True, the aggregate starts from
+    #: round 1 and adds every round; ours: False, every round counts once]
     dropout_count_first_twice: bool = False
+    #: what picks the patches to drop: "classes" the sum of the class maps, each class's word
+    #: pieces averaged [ours]; "tokens" the sum of every word piece's map plus the [SEP] map for
+    #: captions shorter than the batch's longest [official]
+    dropout_salience: str = "classes"
     # 5. Threshold
     threshold: float = 0.15
+    # 6. Upsampling: bilinear; align_corners [official: True; ours: False, pixel centres aligned
+    #: the way image resizing does]
+    align_corners: bool = False
     # 7. Background
     background: str = "always"
     background_min_classes: int = 3
@@ -98,6 +145,12 @@ class SegmenterConfig:
         heads = (self.heads,) if isinstance(self.heads, int) else self.heads
         if isinstance(heads, (list, tuple)):
             object.__setattr__(self, "heads", tuple(_as_int(h) for h in heads))
+        aliases = self.prompt_aliases
+        if isinstance(aliases, dict):
+            aliases = tuple(aliases.items())
+        if isinstance(aliases, (list, tuple)):
+            object.__setattr__(self, "prompt_aliases", tuple(
+                tuple(pair) if isinstance(pair, (list, tuple)) else pair for pair in aliases))
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in ("int", "int | None"):
@@ -129,6 +182,18 @@ class SegmenterConfig:
              "must name a Hugging Face model id or a local directory")
         need(self.revision is None or isinstance(self.revision, str), "revision",
              "must be a string or null")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        need(self.itm_token in ITM_TOKENS, "itm_token", f"must be one of {', '.join(ITM_TOKENS)}")
+        need(self.class_spelling in CLASS_SPELLINGS, "class_spelling",
+             f"must be one of {', '.join(CLASS_SPELLINGS)}")
+        need(self.dropout_salience in DROPOUT_SALIENCES, "dropout_salience",
+             f"must be one of {', '.join(DROPOUT_SALIENCES)}")
+        need(isinstance(self.prompt_aliases, tuple) and all(
+            isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, str) and x.strip() for x in p)
+            for p in self.prompt_aliases), "prompt_aliases",
+            "must map class names to caption words, e.g. {dining table: table}")
+        need(len({a for a, _ in self.prompt_aliases}) == len(self.prompt_aliases), "prompt_aliases",
+             "names a class twice")
         need(16 <= self.image_size <= BOUNDS["image_size"], "image_size",
              f"must be 16..{BOUNDS['image_size']} pixels")
         need(self.layer >= 1, "layer", "is 1-based: use 1 for the first text layer")
@@ -173,6 +238,26 @@ class SegmenterConfig:
         """True when the candidate rule reads ground-truth image-level labels (audits only)."""
         return self.candidates == "oracle"
 
+    @classmethod
+    def preset(cls, name: str = "official", dataset: str | None = None, **changes: Any) -> SegmenterConfig:
+        """A config starting from preset `name`, with `changes` on top.
+
+        "official" reproduces the authors' code: [ENC] as the ITM token, round 1 counted twice,
+        token-level Salience Dropout scores, joined class names (with `dataset`'s official words,
+        e.g. VOC `table`, in `prompt_aliases`), float32, `align_corners=True`. "default" is
+        `SegmenterConfig()`. Raises ValueError for an unknown preset or setting.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+        values: dict[str, Any] = dict(PRESETS[name])
+        if name == "official" and dataset in OFFICIAL_ALIASES:
+            values["prompt_aliases"] = tuple(OFFICIAL_ALIASES[dataset].items())
+        values.update(changes)
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(_unknown_message(unknown))
+        return cls(**values)
+
     def replace(self, **changes: Any) -> SegmenterConfig:
         """A copy with some settings changed (validated)."""
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -185,7 +270,10 @@ class SegmenterConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            if f.name == "prompt_aliases":
+                out[f.name] = dict(value)
+            else:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
     def to_yaml(self, provenance: dict[str, Any] | None = None) -> str:
@@ -196,17 +284,24 @@ class SegmenterConfig:
         return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SegmenterConfig:
+    def from_dict(cls, data: dict[str, Any], dataset: str | None = None) -> SegmenterConfig:
+        """A config from a mapping of settings; `preset: NAME` starts from that preset (with
+        `dataset`'s official words under "official"), the other settings applied on top."""
         if not isinstance(data, dict):
             raise ValueError("a SegmenterConfig must be a mapping of setting names to values")
         data = {k: v for k, v in data.items() if k != PROVENANCE_KEY}
+        preset = data.pop(PRESET_KEY, None)
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(_unknown_message(unknown))
+        if preset is not None:
+            if not isinstance(preset, str):
+                raise ValueError(f"preset must be a name: one of {', '.join(PRESETS)}")
+            return cls.preset(preset, dataset, **data)
         return cls(**data)
 
     @classmethod
-    def from_yaml(cls, text_or_path: str | Path) -> SegmenterConfig:
+    def from_yaml(cls, text_or_path: str | Path, dataset: str | None = None) -> SegmenterConfig:
         """Read a config from YAML text or from a path to a YAML file.
 
         Raises FileNotFoundError for a missing file and ValueError for invalid or oversized YAML
@@ -220,9 +315,10 @@ class SegmenterConfig:
         if not settings:
             raise ValueError(
                 f"{where} holds no settings: write a config (`tune export` does), or at least "
-                f"`model: {cls.model}` to use the published model and every official default"
+                f"`model: {cls.model}` to use the published model and our defaults, or "
+                "`preset: official` for the authors' settings"
             )
-        return cls.from_dict(data)
+        return cls.from_dict(data, dataset)
 
 
 def read_provenance(text_or_path: str | Path) -> dict[str, Any]:

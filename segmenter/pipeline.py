@@ -47,6 +47,12 @@ class SegmentationResult:
             object.__setattr__(self, "candidates", tuple(self.class_names))
 
 
+def prompt_for(config: SegmenterConfig, class_names: Sequence[str]) -> Prompt:
+    """Step 2 under `config`: its prefix, class spelling and prompt aliases."""
+    return build_prompt(config.prompt_prefix, class_names, config.class_spelling,
+                        dict(config.prompt_aliases))
+
+
 # --- step 4: Salience Dropout ----------------------------------------------------------------------
 def select_patches(salience: torch.Tensor, dropped: torch.Tensor, schedule: str, k: int) -> torch.Tensor:
     """The patches to drop after a round: the most salient ones not dropped yet.
@@ -66,20 +72,30 @@ def select_patches(salience: torch.Tensor, dropped: torch.Tensor, schedule: str,
 def salience_dropout(
     backend: Backend, pixels: torch.Tensor, prompts: Sequence[Prompt], config: SegmenterConfig
 ) -> list[torch.Tensor]:
-    """Steps 3-4 for a batch: per image the summed class maps of all rounds. # [C, gh, gw]"""
+    """Steps 3-4 for a batch: per image the summed class maps of all rounds. # [C, gh, gw]
+
+    Round 1 counts twice with `dropout_count_first_twice` (the authors' aggregate). The patches
+    dropped after a round are the most salient by `dropout_salience`: "classes" sums the round's
+    class maps, "tokens" the maps of every class word piece plus [SEP] for the captions shorter
+    than the batch's longest (`Backend.gradcam(token_salience=True)`, the authors' rule). Already
+    dropped patches are 0 in every later map.
+    """
     batch, n_heads = len(prompts), list(config.heads)
     gh, gw = backend.patch_grid(pixels.shape[-1])
     dropped = torch.zeros(batch, gh * gw, dtype=torch.bool, device=pixels.device)
     totals = [torch.zeros(len(p.class_names), gh, gw, device=pixels.device) for p in prompts]
+    tokens = config.dropout_salience == "tokens" and config.dropout_rounds > 1
+    extra = {"itm_token": config.itm_token} | ({"token_salience": True} if tokens else {})
     for round_index in range(config.dropout_rounds):
-        cams = backend.gradcam(pixels, prompts, [config.layer], dropped if round_index else None)
+        cams = backend.gradcam(pixels, prompts, [config.layer], dropped if round_index else None, **extra)
         weight = 2.0 if round_index == 0 and config.dropout_count_first_twice else 1.0
         for b in range(batch):
-            maps = cams[b][0, n_heads].mean(0)  # [C, gh, gw], heads averaged
+            maps = cams[b][0, n_heads].mean(0)  # [C (+1), gh, gw], heads averaged
             maps = maps.masked_fill(dropped[b].view(gh, gw), 0.0)
-            totals[b] += weight * maps
+            classes = len(prompts[b].class_names)
+            totals[b] += weight * maps[:classes]
             if round_index < config.dropout_rounds - 1:
-                salience = maps.sum(0).flatten()  # [gh*gw]
+                salience = (maps[classes] if tokens else maps.sum(0)).flatten()  # [gh*gw]
                 dropped[b] |= select_patches(
                     salience, dropped[b], config.dropout_schedule, config.dropout_k
                 )
@@ -95,10 +111,14 @@ def threshold_maps(maps: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(norm >= threshold, norm, 0.0).astype(np.float32)
 
 
-def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Step 6: bilinear upsampling of [C, gh, gw] maps to the image's [C, H, W]."""
+def upsample(maps: np.ndarray, size: tuple[int, int], align_corners: bool = False) -> np.ndarray:
+    """Step 6: bilinear upsampling of [C, gh, gw] maps to the image's [C, H, W].
+
+    `align_corners=True` puts the grid's corner cells on the image's corner pixels (the authors'
+    code); False aligns cell and pixel edges, the way image resizing does.
+    """
     x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].numpy()
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)[0].numpy()
 
 
 def add_background(maps: np.ndarray, rule: str, min_classes: int) -> tuple[np.ndarray, bool]:
@@ -202,7 +222,8 @@ def postprocess(image: np.ndarray, maps: np.ndarray, config: SegmenterConfig, de
                    "CRF take about a minute per 12 MP image on a CPU); set postprocess_max_side "
                    "(e.g. 1024) in the config to cap it")
     height, width = full
-    channels = upsample(threshold_maps(maps, config.threshold), (height, width))  # [C, H, W]
+    channels = upsample(threshold_maps(maps, config.threshold), (height, width),
+                        config.align_corners)  # [C, H, W]
     channels, has_background = add_background(
         channels, config.background, config.background_min_classes
     )
@@ -229,12 +250,14 @@ class Segmenter:
         backend: Backend | None = None,
         batch_size: int | str = "auto",
         clip: ClipScorer | None = None,
-        dtype: str | torch.dtype | None = "auto",
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         self.config = config or SegmenterConfig()
         self.backend = backend or load_backend(
-            self.config.backend, self.config.model, self.config.revision, device=device, dtype=dtype
+            self.config.backend, self.config.model, self.config.revision, device=device,
+            dtype=self.config.dtype if dtype is None else dtype,
         )
+        self.backend.itm_token = self.config.itm_token
         self.backend.check_layer_heads(self.config.layer, self.config.heads)
         self.backend.patch_grid(self.config.image_size)
         self.batch_size = resolve_batch_size(batch_size, self.backend, self.config.image_size)
@@ -254,10 +277,8 @@ class Segmenter:
         out: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             chunk = [as_rgb_uint8(im) for im in images[start : start + self.batch_size]]
-            prompts = [
-                build_prompt(self.config.prompt_prefix, names)
-                for names in class_lists[start : start + self.batch_size]
-            ]
+            prompts = [prompt_for(self.config, names)
+                       for names in class_lists[start : start + self.batch_size]]
             pixels = self.backend.prepare_images(chunk, self.config.image_size)
             maps = salience_dropout(self.backend, pixels, prompts, self.config)
             out.extend(m.float().cpu().numpy() for m in maps)
@@ -267,7 +288,8 @@ class Segmenter:
     def clip(self) -> ClipScorer:
         """The CLIP model of the `clip_topk` candidate rule, loaded on first use."""
         if self._clip is None:
-            self._clip = ClipScorer(self.config.candidates_model, device=self.backend.device)
+            self._clip = ClipScorer(self.config.candidates_model, device=self.backend.device,
+                                    dtype=self.config.dtype)
         return self._clip
 
     def candidate_indices(
@@ -304,7 +326,7 @@ class Segmenter:
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
             arrays = [as_rgb_uint8(im) for im in images[start:stop]]
-            names = [build_prompt(self.config.prompt_prefix, c).class_names for c in class_lists[start:stop]]
+            names = [prompt_for(self.config, c).class_names for c in class_lists[start:stop]]
             chosen = self.candidate_indices(
                 arrays, names, None if image_classes is None else image_classes[start:stop]
             )

@@ -19,8 +19,12 @@ WORDS = [
 ]
 
 
-def save_tiny_blip(path, *, text_layers=3, heads=4, image_size=32, patch=8, seed=0, hidden=32) -> str:
-    """A randomly initialised BlipForImageTextRetrieval + processor, saved with save_pretrained."""
+def save_tiny_blip(path, *, text_layers=3, heads=4, image_size=32, patch=8, seed=0, hidden=32,
+                   enc=False) -> str:
+    """A randomly initialised BlipForImageTextRetrieval + processor, saved with save_pretrained.
+
+    `enc=True`: the tokenizer also has BLIP's [ENC] token (a special token, last id), as LAVIS's.
+    """
     from transformers import (
         BertTokenizer,
         BlipConfig,
@@ -29,8 +33,9 @@ def save_tiny_blip(path, *, text_layers=3, heads=4, image_size=32, patch=8, seed
         BlipProcessor,
     )
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *(["[ENC]"] if enc else [])]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)},
+                              additional_special_tokens=["[ENC]"] if enc else None)
     config = BlipConfig(
         text_config=dict(
             vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=text_layers,

@@ -84,7 +84,7 @@ def test_segment_sets_no_parameter_gradient(tiny_blip, rng):
 class RecordingBackend(BlipBackend):
     """The real backend, remembering the dropped-patch mask and the maps of every round."""
 
-    def gradcam(self, pixel_values, prompts, layers, dropped=None):
+    def gradcam(self, pixel_values, prompts, layers, dropped=None, **_options):
         out = super().gradcam(pixel_values, prompts, layers, dropped)
         self.rounds.append((None if dropped is None else dropped.clone(), out))
         return out

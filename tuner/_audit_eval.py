@@ -103,7 +103,9 @@ class Reevaluator:
                              "cannot be re-evaluated")
         self.attrs, self.data_root, self.batch_size = attrs, data_root, batch_size
         self.fixed = SegmenterConfig.from_dict(attrs["fixed"])
-        self.backend = load_backend(self.fixed.backend, self.fixed.model, self.fixed.revision, device=device)
+        self.backend = load_backend(self.fixed.backend, self.fixed.model, self.fixed.revision, device=device,
+                                    dtype=self.fixed.dtype)
+        self.backend.itm_token = self.fixed.itm_token
         self.objective = get_objective(attrs["objective"], device=str(self.backend.device),
                                        backend=self.backend, **recorded_objective_options(attrs))
         self.cache = MapCache(cache_dir)

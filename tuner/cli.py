@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--images", type=positive_int,
                      help="number of tuning images (default: the spec's `tuning.images`)")
     run.add_argument("--model", help="BLIP ITM model id or directory (overrides the spec's)")
+    run.add_argument("--preset", metavar="NAME",
+                     help="start the spec's fixed settings from a preset (official = the authors' code); "
+                          "the settings the spec writes out still apply")
     run.add_argument("--clip-model", help="CLIP model id or directory for the objective and candidates")
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     run.add_argument("--seed", type=non_negative_int,
@@ -118,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_command(sub)
 
     ev = sub.add_parser("eval", help="mIoU of an exported config on a labelled split")
-    ev.add_argument("--config", required=True, help="a SegmenterConfig YAML (from `tune export`)")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a SegmenterConfig YAML (from `tune export`)")
+    source.add_argument("--preset", metavar="NAME",
+                        help="evaluate a preset instead: official = the authors' settings (README)")
+    ev.add_argument("--model", help="BLIP ITM model id or directory (overrides the config's)")
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--data-root", default=os.environ.get("OVSS_DATA"),
                     help="dataset directory (default: $OVSS_DATA)")
@@ -137,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segment", help="segment images with an exported config")
     seg.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    seg.add_argument("--config", required=True, help="a SegmenterConfig YAML (from `tune export`)")
+    source = seg.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a SegmenterConfig YAML (from `tune export`)")
+    source.add_argument("--preset", metavar="NAME",
+                        help="segment with a preset instead: official = the authors' settings (README)")
+    seg.add_argument("--model", help="BLIP ITM model id or directory (overrides the config's)")
     seg.add_argument("--classes", help="comma-separated class names")
     seg.add_argument("--classes-file", help="a file with one class name a line")
     seg.add_argument("--out", required=True, help="output directory")
@@ -226,7 +237,8 @@ def cmd_run(args, console: Console) -> int:
     if args.workers > cpus:
         raise ValueError(f"--workers {args.workers} is more than the {cpus} CPUs here: each worker "
                          f"process holds a copy of the post-processing; use at most {cpus}")
-    spec = load_spec(args.study_file or builtin_spec_path(args.dataset or DEFAULT_DATASET))
+    spec = load_spec(args.study_file or builtin_spec_path(args.dataset or DEFAULT_DATASET),
+                     preset=args.preset)
     if not args.no_cache:
         MapCache(args.cache_dir)  # a cache directory that cannot be written fails now, not in a trial
     if args.dataset and args.study_file:
@@ -460,13 +472,23 @@ def cmd_data(args, console: Console) -> int:
     return run_data_command(args, console)
 
 
+def _config_from_args(args, dataset: str | None = None):
+    """The SegmenterConfig of `--config FILE` or `--preset NAME`, with `--model` on top."""
+    from segmenter import SegmenterConfig
+
+    if args.config:
+        config = SegmenterConfig.from_yaml(Path(args.config), dataset=dataset)
+    else:
+        config = SegmenterConfig.preset(args.preset, dataset=dataset)
+    return config.replace(model=args.model) if args.model else config
+
+
 def cmd_eval(args, console: Console) -> int:
     import json
     import warnings
 
     from rich.progress import Progress
 
-    from segmenter import SegmenterConfig
     from segmenter.config import read_provenance
 
     from .cache import MapCache
@@ -474,8 +496,8 @@ def cmd_eval(args, console: Console) -> int:
     from .evaluate import evaluate_config
     from .outputs import writable_file, write_text_atomic
 
-    config = SegmenterConfig.from_yaml(Path(args.config))
-    provenance = read_provenance(Path(args.config))
+    config = _config_from_args(args, args.dataset)
+    provenance = read_provenance(Path(args.config)) if args.config else {}
     writable_file(args.output, "-o/--output file")  # before any image is evaluated
     MapCache(args.cache_dir)  # a cache directory that cannot be written fails before the evaluation
     same_dataset = provenance.get("dataset") == args.dataset
@@ -498,11 +520,11 @@ def cmd_eval(args, console: Console) -> int:
             batch_size=args.batch_size, on_image=lambda n: progress.update(task, completed=n),
             strict=args.strict,
         )
-    result["config"] = str(args.config)
+    result["config"] = str(args.config) if args.config else f"preset {args.preset}"
     seen = _tuning_images_evaluated(dataset, split, result, provenance if same_dataset else {})
     if seen is not None:
         result["tuning_images_evaluated"] = seen[0]
-    table = Table(title=f"{args.config} on {args.dataset}/{split} ({result['images']} images)")
+    table = Table(title=f"{result['config']} on {args.dataset}/{split} ({result['images']} images)")
     table.add_column("class")
     table.add_column("IoU", justify="right")
     for name, iou in result["iou_per_class"].items():
@@ -569,13 +591,13 @@ def _tuning_images_evaluated(dataset, split: str, result: dict, provenance: dict
 def cmd_segment(args, console: Console) -> int:
     from rich.progress import Progress
 
-    from segmenter import Segmenter, SegmenterConfig
+    from segmenter import Segmenter
 
     from .apply import plan_outputs, read_class_list, segment_paths
     from .outputs import writable_dir
 
     names = read_class_list(args.classes, args.classes_file)
-    config = SegmenterConfig.from_yaml(Path(args.config))
+    config = _config_from_args(args)
     planned = plan_outputs(args.inputs)  # a missing input fails before any work
     total = len(planned)
     if total == 0:

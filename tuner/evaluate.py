@@ -44,7 +44,9 @@ def evaluate_config(
         raise ValueError(f"dataset {dataset.name!r} has no labels: evaluation needs a labelled dataset")
     dataset.check_split(split)
     ids = pick_tuning_ids(dataset, split, images, seed) if images else dataset.ids(split)
-    backend = backend or load_backend(config.backend, config.model, config.revision, device=device)
+    backend = backend or load_backend(config.backend, config.model, config.revision, device=device,
+                                      dtype=config.dtype)
+    backend.itm_token = config.itm_token
     backend.check_layer_heads(config.layer, config.heads)
     batch_size = resolve_batch_size(batch_size, backend, config.image_size)
     provider = MapProvider(backend, MapCache(cache_dir), batch_size)

@@ -144,7 +144,7 @@ def _current(fixed: SegmenterConfig, values: dict[str, Any], name: str) -> Any:
 # --- reading specs -----------------------------------------------------------------------------
 TOP_KEYS = {
     "name", "dataset", "dataset_options", "tuning", "eval_split", "objective", "objective_options",
-    "fixed", "search_space", "sampler", "pruner", "trials", "objectives", "tie_break",
+    "fixed", "search_space", "sampler", "pruner", "trials", "objectives", "tie_break", "preset",
 }
 
 
@@ -160,8 +160,11 @@ def builtin_spec_path(dataset: str) -> Path:
     return path
 
 
-def load_spec(path: str | Path) -> StudySpec:
-    """Parse a study spec file; a malformed one raises SpecError naming the file and the key."""
+def load_spec(path: str | Path, preset: str | None = None) -> StudySpec:
+    """Parse a study spec file; a malformed one raises SpecError naming the file and the key.
+
+    `preset` (e.g. "official", from `tune run --preset`) replaces the spec's own: the fixed
+    settings start from it, those the spec writes out applied on top."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"study file not found: {path}")
@@ -169,6 +172,8 @@ def load_spec(path: str | Path) -> StudySpec:
         data = read_yaml_file(path)
     except ValueError as err:  # invalid or oversized YAML (segmenter.yaml_input)
         raise SpecError(str(err)) from None
+    if preset is not None and isinstance(data, dict):
+        data = {**data, "preset": preset}
     return parse_spec(data, str(path))
 
 
@@ -192,8 +197,10 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
     if not isinstance(fixed_data, dict):
         raise fail("fixed", "must map SegmenterConfig settings to values")
     fixed_data = {"postprocess_max_side": TUNING_POSTPROCESS_MAX_SIDE, **fixed_data}
+    if "preset" in data:  # the top-level `preset:` is the fixed settings' starting point
+        fixed_data["preset"] = data["preset"]
     try:
-        fixed = SegmenterConfig.from_dict(fixed_data)
+        fixed = SegmenterConfig.from_dict(fixed_data, dataset=data["dataset"])
     except (ValueError, TypeError) as err:
         raise fail("fixed", str(err)) from None
 

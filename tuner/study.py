@@ -403,7 +403,8 @@ class StudyRunner:
                 "would change it: use a new --study name"
             )
         self.backend = load_backend(spec.fixed.backend, spec.fixed.model, spec.fixed.revision,
-                                    device=options.device)
+                                    device=options.device, dtype=spec.fixed.dtype)
+        self.backend.itm_token = spec.fixed.itm_token
         self._check_space_against_model()
         self.objective = get_objective(spec.objective, device=str(self.backend.device),
                                        backend=self.backend, **spec.objective_options)

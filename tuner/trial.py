@@ -15,7 +15,7 @@ import numpy as np
 import optuna
 
 from objectives import VIEWS, Objective, ScoreInput, confusion_matrix, miou, num_label_classes, to_class_ids
-from segmenter import Backend, SegmenterConfig, build_prompt, postprocess, salience_dropout
+from segmenter import Backend, SegmenterConfig, postprocess, prompt_for, salience_dropout
 from segmenter.images import image_digest
 
 from .cache import MapCache, cache_key
@@ -80,14 +80,16 @@ class MapProvider:
     def _key(self, config: SegmenterConfig, digest: str, candidates: Sequence[str]) -> str:
         parts = dict(
             backend=config.backend, model=self.backend.model_id, revision=self.backend.revision,
-            weights=self.weights, image=digest, image_size=config.image_size,
-            candidates=list(candidates), prompt=config.prompt_prefix, layer=config.layer,
+            weights=self.weights, dtype=str(self.backend.dtype), image=digest,
+            image_size=config.image_size, candidates=list(candidates), prompt=config.prompt_prefix,
+            spelling=config.class_spelling, aliases=[list(a) for a in config.prompt_aliases],
+            itm_token=config.itm_token, layer=config.layer,
         )
-        if config.dropout_rounds > 1:  # dropped patches depend on the heads and the schedule,
-            # and the stored sum weighs the first round by the double-count flag
+        if config.dropout_rounds > 1:  # dropped patches depend on the heads, the schedule and the
+            # salience rule, and the stored sum weighs the first round by the double-count flag
             parts.update(heads=list(config.heads), schedule=config.dropout_schedule,
                          rounds=config.dropout_rounds, k=config.dropout_k,
-                         first_twice=config.dropout_count_first_twice)
+                         first_twice=config.dropout_count_first_twice, salience=config.dropout_salience)
         return cache_key(**parts)
 
     def maps(
@@ -101,9 +103,9 @@ class MapProvider:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             pixels = self.backend.prepare_images([images[i].sample.image for i in chunk], config.image_size)
-            prompts = [build_prompt(config.prompt_prefix, candidates[i]) for i in chunk]
+            prompts = [prompt_for(config, candidates[i]) for i in chunk]
             if config.dropout_rounds == 1:  # every head of the layer from one pass
-                cams = self.backend.gradcam(pixels, prompts, [config.layer])
+                cams = self.backend.gradcam(pixels, prompts, [config.layer], itm_token=config.itm_token)
                 computed = [c[0].cpu().numpy() for c in cams]  # [heads, C, gh, gw]
             else:
                 computed = [m.cpu().numpy() for m in salience_dropout(self.backend, pixels, prompts, config)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +19,27 @@ class Prompt:
     spans: tuple[tuple[int, int], ...]  # [start, end) of each class name in `text`
 
 
-def build_prompt(prefix: str, class_names: Sequence[str]) -> Prompt:
-    """ALGORITHM.md step 2: `prefix + " ".join(names)`, remembering where each name sits."""
+def caption_word(name: str, spelling: str = "given", aliases: Mapping[str, str] | None = None) -> str:
+    """How class `name` is written in the caption: its alias when `aliases` has one, else the name
+    ("given") or the name with its spaces and hyphens removed ("joined", as the authors' code
+    writes ADE20K and COCO names: `traffic light` -> `trafficlight`)."""
+    if aliases and name in aliases:
+        return aliases[name].strip()
+    if spelling == "joined":
+        return name.replace(" ", "").replace("-", "")
+    return name
+
+
+def build_prompt(
+    prefix: str, class_names: Sequence[str], spelling: str = "given",
+    aliases: Mapping[str, str] | None = None,
+) -> Prompt:
+    """ALGORITHM.md step 2: `prefix + " ".join(words)`, remembering where each class's word sits.
+
+    `words` are the class names as `caption_word` writes them (`spelling`, `aliases`);
+    `class_names` stays the given names. ValueError for an empty list, an empty name, or a name
+    with no caption word left.
+    """
     names = tuple(str(n).strip() for n in class_names)
     if not names:
         raise ValueError("the class list is empty: give at least one class name to segment")
@@ -29,10 +48,14 @@ def build_prompt(prefix: str, class_names: Sequence[str]) -> Prompt:
         raise ValueError(f"class name #{empty[0] + 1} is empty: remove it from the class list")
     text, spans = prefix, []
     for i, name in enumerate(names):
+        word = caption_word(name, spelling, aliases)
+        if not word:
+            raise ValueError(f"class name {name!r} leaves no caption word under the spelling "
+                             f"{spelling!r}: rename it or give it a prompt alias")
         if i:
             text += " "
-        spans.append((len(text), len(text) + len(name)))
-        text += name
+        spans.append((len(text), len(text) + len(word)))
+        text += word
     return Prompt(text=text, class_names=names, spans=tuple(spans))
 
 
@@ -91,6 +114,8 @@ class Backend(abc.ABC):
     """
 
     name: str = "base"
+    #: the caption's first token in ITM passes when a call does not say ("cls" or "enc")
+    itm_token: str = "cls"
     #: model id or path and revision, recorded in studies and used in cache keys
     model_id: str
     revision: str | None
@@ -121,12 +146,20 @@ class Backend(abc.ABC):
         prompts: Sequence[Prompt],
         layers: Sequence[int],
         dropped: torch.Tensor | None = None,
+        *,
+        itm_token: str | None = None,
+        token_salience: bool = False,
     ) -> list[torch.Tensor]:
         """One round of ALGORITHM.md step 3 for a batch.
 
-        `layers` are 1-based; `dropped` is a bool mask [B, gh*gw] of patches zeroed in the input.
+        `layers` are 1-based; `dropped` is a bool mask [B, gh*gw] of patches zeroed in the input;
+        `itm_token` the caption's first token ("cls" or "enc"; None: the backend's `itm_token`).
         Returns per image a float32 tensor [len(layers), heads, classes, gh, gw] of
         attention x clamp(dScore/dAttention, min=0), [CLS] key dropped, word pieces averaged.
+        `token_salience=True` adds one row after the classes ([.., classes + 1, gh, gw]): the
+        authors' Salience Dropout score, the sum of the maps of every class word piece plus the
+        [SEP] token's for a caption shorter than the batch's longest (PnP-OVSS
+        `Inference_BLIP_filteredcaption`, rows [3:-1] of the token-level map).
         """
 
     def auto_batch_size(self, image_size: int, classes: int = 8, cap: int = 64) -> int:

@@ -12,6 +12,7 @@ whose probabilities GradCAM reads.
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Sequence
 
@@ -22,6 +23,11 @@ import torch.nn.functional as F
 from ._base import Backend, Prompt, resolve_model_path
 
 ITM_MATCH = 1  # index of the "match" logit of the ITM head
+#: BLIP's encoder token, which BLIP was trained for ITM with (LAVIS puts it first in the caption)
+ENC_TOKEN = "[ENC]"
+ITM_TOKENS = ("cls", "enc")
+
+log = logging.getLogger("ovss_tune.segmenter")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -154,6 +160,42 @@ class BlipBackend(Backend):
         self._patch, self._native_size = int(vision.patch_size), int(vision.image_size)
         self._layers = self.model.text_encoder.encoder.layer
         self.forward_calls = 0  # text-encoder passes run; the tuner counts them
+        self._enc_id: int | None | bool = False  # not looked up yet
+
+    # -- the ITM caption's first token -----------------------------------------------------------
+    def first_token_id(self, itm_token: str | None = None) -> int | None:
+        """The id that replaces the tokenizer's [CLS] at the caption's start; None keeps [CLS].
+
+        "enc": BLIP's [ENC] when the checkpoint's tokenizer has it (the authors' code, after
+        LAVIS); a tokenizer without it keeps [CLS] and says so once in a warning. ValueError for
+        another value.
+        """
+        token = self.itm_token if itm_token is None else itm_token
+        if token not in ITM_TOKENS:
+            raise ValueError(f"itm_token {token!r} is unknown: use {' or '.join(ITM_TOKENS)}")
+        if token == "cls":
+            return None
+        if self._enc_id is False:
+            vocab = self.tokenizer.get_vocab()
+            self._enc_id = vocab.get(ENC_TOKEN)
+            size = self.model.text_encoder.embeddings.word_embeddings.num_embeddings
+            if self._enc_id is not None and self._enc_id >= size:
+                self._enc_id = None
+            if self._enc_id is None:
+                log.warning("itm_token enc: the tokenizer of %s has no %s token (the one BLIP was trained "
+                            "for ITM with), so the caption starts with [CLS] as in transformers' BLIP; "
+                            "maps differ from the authors' code (README, Differences)",
+                            self.model_id, ENC_TOKEN)
+        return self._enc_id
+
+    def _swap_first(self, ids: torch.Tensor, itm_token: str | None) -> torch.Tensor:
+        """`ids` [N, T] with the first token replaced per `first_token_id` (a copy if changed)."""
+        first = self.first_token_id(itm_token)
+        if first is None:
+            return ids
+        ids = ids.clone()
+        ids[:, 0] = first
+        return ids
 
     # -- facts about the model -------------------------------------------------------------------
     @property
@@ -194,6 +236,9 @@ class BlipBackend(Backend):
         prompts: Sequence[Prompt],
         layers: Sequence[int],
         dropped: torch.Tensor | None = None,
+        *,
+        itm_token: str | None = None,
+        token_salience: bool = False,
     ) -> list[torch.Tensor]:
         batch, _, size, _ = pixel_values.shape
         gh, gw = self.patch_grid(size)
@@ -212,7 +257,8 @@ class BlipBackend(Backend):
             ).last_hidden_state  # [B, 1 + gh*gw, D]
         # an ordinary tensor (inference tensors cannot enter autograd): the graph's only leaf
         image_embeds = image_embeds.clone().requires_grad_(True)
-        tokens, class_weights = self._tokenize(prompts)  # class_weights: [B, C_max, T]
+        tokens, class_weights = self._tokenize(prompts, token_salience)  # [B, C_max (+1), T]
+        tokens["input_ids"] = self._swap_first(tokens["input_ids"], itm_token)
 
         captured: dict[int, torch.Tensor] = {}
         hooks = []
@@ -240,16 +286,18 @@ class BlipBackend(Backend):
 
         cam = torch.stack([a.detach() * g.clamp(min=0) for a, g in zip(probs, grads)], dim=1)
         cam = cam[..., 1:].float()  # [B, L, heads, T, gh*gw], image [CLS] key dropped
-        maps = torch.einsum("bct,blhtn->blhcn", class_weights, cam)  # [B, L, heads, C_max, N]
-        return [
-            maps[b, :, :, : len(p.class_names)].reshape(len(layers), -1, len(p.class_names), gh, gw)
-            for b, p in enumerate(prompts)
-        ]
+        maps = torch.einsum("bct,blhtn->blhcn", class_weights, cam)  # [B, L, heads, C_max (+1), N]
+        out = []
+        for b, p in enumerate(prompts):
+            rows = list(range(len(p.class_names))) + ([maps.shape[3] - 1] if token_salience else [])
+            out.append(maps[b][:, :, rows].reshape(len(layers), -1, len(rows), gh, gw))
+        return out
 
     # -- candidate classes: plain ITM --------------------------------------------------------------
     @torch.inference_mode()
     def itm_scores(
-        self, pixel_values: torch.Tensor, texts: Sequence[str], batch_size: int = 64
+        self, pixel_values: torch.Tensor, texts: Sequence[str], batch_size: int = 64,
+        itm_token: str | None = None,
     ) -> torch.Tensor:
         """ITM match probability softmax(itm logits)[1] of every text for every image. # [B, T]
 
@@ -266,7 +314,7 @@ class BlipBackend(Backend):
         max_pos = self.model.config.text_config.max_position_embeddings
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_pos,
                                 return_tensors="pt")
-        ids = tokens["input_ids"].to(self.device)  # [T, L]
+        ids = self._swap_first(tokens["input_ids"].to(self.device), itm_token)  # [T, L]
         mask = tokens["attention_mask"].to(self.device)  # [T, L]
         pairs = torch.cartesian_prod(torch.arange(batch), torch.arange(len(texts))).to(self.device)
         step, scores = max(1, int(batch_size)), []
@@ -294,7 +342,8 @@ class BlipBackend(Backend):
 
     @torch.inference_mode()
     def itm_pair_scores(
-        self, pixel_values: torch.Tensor, texts: Sequence[str], batch_size: int = 64
+        self, pixel_values: torch.Tensor, texts: Sequence[str], batch_size: int = 64,
+        itm_token: str | None = None,
     ) -> torch.Tensor:
         """ITM match probability of image b with text b, for b < B (pairs, not every text). # [B]"""
         if len(texts) != pixel_values.shape[0]:
@@ -310,7 +359,7 @@ class BlipBackend(Backend):
             tokens = self.tokenizer(list(texts[start : start + step]), padding=True, truncation=True,
                                     max_length=max_pos, return_tensors="pt")
             text = self.model.text_encoder(
-                input_ids=tokens["input_ids"].to(self.device),
+                input_ids=self._swap_first(tokens["input_ids"].to(self.device), itm_token),
                 attention_mask=tokens["attention_mask"].to(self.device),
                 encoder_hidden_states=images,
                 encoder_attention_mask=torch.ones(images.shape[:-1], dtype=torch.long, device=self.device),
@@ -321,8 +370,14 @@ class BlipBackend(Backend):
             return torch.zeros(0, device=self.device)
         return torch.cat(out)
 
-    def _tokenize(self, prompts: Sequence[Prompt]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Token ids for the captions and a [B, C_max, T] matrix averaging each class's pieces."""
+    def _tokenize(
+        self, prompts: Sequence[Prompt], token_salience: bool = False
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Token ids for the captions and a [B, C_max, T] matrix averaging each class's pieces.
+
+        `token_salience`: one more row [B, C_max + 1, T], 1 on every class word piece and on the
+        [SEP] of a caption shorter than the batch's longest (the authors' Salience Dropout score).
+        """
         enc = self.tokenizer(
             [p.text for p in prompts], padding=True, return_offsets_mapping=True,
             return_tensors="pt",
@@ -336,7 +391,8 @@ class BlipBackend(Backend):
                 "list fewer candidate classes per image"
             )
         offsets = enc.pop("offset_mapping")  # [B, T, 2], (0, 0) for special tokens
-        weights = torch.zeros(len(prompts), max(len(p.class_names) for p in prompts), length)
+        classes = max(len(p.class_names) for p in prompts)
+        weights = torch.zeros(len(prompts), classes + int(token_salience), length)
         for b, prompt in enumerate(prompts):
             start, end = offsets[b, :, 0], offsets[b, :, 1]
             real = (end > start) & enc["attention_mask"][b].bool()
@@ -347,5 +403,10 @@ class BlipBackend(Backend):
                         f"class name {prompt.class_names[c]!r} produced no tokens: rename it"
                     )
                 weights[b, c, inside] = 1.0 / inside.sum()
+                if token_salience:
+                    weights[b, classes, inside] = 1.0
+            real_length = int(enc["attention_mask"][b].sum())
+            if token_salience and real_length < length:  # [SEP] is the caption's last real token
+                weights[b, classes, real_length - 1] = 1.0
         tokens = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
         return tokens, weights.to(self.device)
