@@ -53,7 +53,7 @@ def save_random_blip(size: str, path: str, seed: int = 0) -> str:
 
     spec = BLIP_SIZES[size]
     (t_layers, t_heads, t_hidden), (v_layers, v_hidden, v_heads) = spec["text"], spec["vision"]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "[DEC]", "[ENC]"]  # BLIP's own last two
     config = BlipConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=t_hidden, num_hidden_layers=t_layers,
                          num_attention_heads=t_heads, intermediate_size=4 * t_hidden,

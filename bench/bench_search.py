@@ -52,9 +52,10 @@ for _path in (REPO, REPO / "bench"):
 from _models import BLIP_SIZES, CLIP_SIZES, save_random_blip, save_random_clip  # noqa: E402
 
 from objectives._clip import _image_tensor, reward_masks  # noqa: E402
-from segmenter import SegmenterConfig, build_prompt  # noqa: E402
+from segmenter import SegmenterConfig  # noqa: E402
 from segmenter.backends.blip import BlipBackend, resolve_device  # noqa: E402
 from segmenter.clip import PAPER_LOGIT_SCALE, ClipScorer  # noqa: E402
+from segmenter.pipeline import prompt_for  # noqa: E402
 from tuner import spec as spec_module  # noqa: E402
 from tuner import trial as trial_module  # noqa: E402
 from tuner.datasets import load_dataset  # noqa: E402
@@ -151,6 +152,7 @@ class Run:
     """One way of running the search: its time, work and per-trial values."""
 
     wall_s: float
+    cpu_s: float  # CPU seconds of the process (all threads): steadier than wall time on a shared machine
     passes: int  # images through a text-encoder forward + backward
     batches: int  # backend calls those passes took
     clip_images: int  # CLIP image embeddings computed (masked crops and black images)
@@ -158,12 +160,14 @@ class Run:
     parts: dict[str, float]  # seconds by part
 
     def row(self, trials: int) -> dict:
-        return {"wall_s": round(self.wall_s, 2), "model_passes": self.passes, "model_batches": self.batches,
+        return {"wall_s": round(self.wall_s, 2), "cpu_s": round(self.cpu_s, 2), "model_passes": self.passes,
+                "model_batches": self.batches,
                 "clip_images": self.clip_images, "s_per_trial": round(self.wall_s / trials, 3),
                 "parts_s": {k: round(v, 2) for k, v in self.parts.items()}}
 
 
-def run_tune(spec: StudySpec, tmp: Path, device: str, profile: str | None) -> tuple[Run, list[SegmenterConfig]]:
+def run_tune(spec: StudySpec, tmp: Path, device: str,
+             profile: str | None) -> tuple[Run, list[SegmenterConfig]]:
     """(b): the study through StudyRunner, timed from loading the models to the last trial."""
     meter = Meter()
     original = (trial_module.postprocess, BlipBackend.gradcam, ClipScorer.image_embeddings)
@@ -174,14 +178,15 @@ def run_tune(spec: StudySpec, tmp: Path, device: str, profile: str | None) -> tu
     options = RunOptions(storage=f"sqlite:///{tmp}/study.db", cache_dir=str(tmp / "cache"), device=device,
                          progress=True, batch_size="auto")
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if profiler:
             profiler.enable()
         runner = StudyRunner(spec, options)
+        setup = time.perf_counter() - start
         runner.run()
         if profiler:
             profiler.disable()
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         runner.close()
     finally:
         trial_module.postprocess, BlipBackend.gradcam, ClipScorer.image_embeddings = original
@@ -189,9 +194,9 @@ def run_tune(spec: StudySpec, tmp: Path, device: str, profile: str | None) -> tu
         profiler.dump_stats(profile)
     trials = sorted(distinct_trials(runner.study), key=lambda t: t.number)
     configs = [SegmenterConfig.from_dict(t.user_attrs["config"]) for t in trials]
-    parts = dict(meter.seconds)
-    parts["the rest (loading, Optuna, sampling, cache)"] = wall - sum(parts.values())
-    run = Run(wall, meter.counts.get("BLIP passes", 0), meter.calls.get("BLIP passes", 0),
+    parts = {"setup (models, images)": setup, **meter.seconds}
+    parts["the rest (Optuna, storage, cache)"] = wall - sum(parts.values())
+    run = Run(wall, cpu, meter.counts.get("BLIP passes", 0), meter.calls.get("BLIP passes", 0),
               meter.counts.get("CLIP", 0), [float(t.value) for t in trials], parts)
     return run, configs
 
@@ -221,11 +226,12 @@ class ReferenceSearch:
         meter.wrap(self.clip, "image_embeddings", "CLIP", _images_of)
         meter.wrap(self, "masks", "reward masks")
 
-    def relevance(self, pixels: torch.Tensor, prompt, layer: int) -> torch.Tensor:
+    def relevance(self, pixels: torch.Tensor, prompt, layer: int, itm_token: str) -> torch.Tensor:
         """Every head's class maps of one image for a caption (a Prompt). # [heads, C, gh, gw]"""
         if self.model is None:
-            return self.backend.gradcam(pixels, [prompt], [layer])[0][0]
+            return self.backend.gradcam(pixels, [prompt], [layer], itm_token=itm_token)[0][0]
         tokens, weights = self.backend._tokenize([prompt])  # ids and [1, C, T] piece averages
+        tokens["input_ids"] = self.backend._swap_first(tokens["input_ids"], itm_token)  # [ENC] if asked
         attention = self.model.text_encoder.encoder.layer[layer - 1].crossattention.self
         kept = {}
 
@@ -274,8 +280,8 @@ class ReferenceSearch:
             names = [n for n in vocabulary if n in set(sample.image_classes)]  # the oracle's order
             caption = list(vocabulary) if self.official["protocol"] else names
             pixels = self.backend.prepare_images([sample.image], config.image_size)
-            prompt = build_prompt(config.prompt_prefix, caption)
-            maps = self.relevance(pixels, prompt, config.layer)  # [heads, C, gh, gw]
+            prompt = prompt_for(config, caption)  # the config's spelling of the names
+            maps = self.relevance(pixels, prompt, config.layer, config.itm_token)  # [heads, C, gh, gw]
             rows = [caption.index(n) for n in names]
             maps = maps[list(config.heads)].mean(0)[rows].float().cpu().numpy()  # [K, gh, gw]
             scores.append(self.reward(sample.image, names, maps, config.threshold))
@@ -286,33 +292,34 @@ def run_reference(configs: Sequence[SegmenterConfig], blip: str, clip: str, root
                   device: str, reference_pass: str, official: dict[str, bool]) -> Run:
     """(a): the same configs on the same images, timed from loading the models to the last trial."""
     meter = Meter()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     search = ReferenceSearch(blip, clip, device, reference_pass, official, meter)
     dataset = load_dataset(DATASET, root=root)
+    setup = time.perf_counter() - start
     values = []
     for t, config in enumerate(configs):
         samples = [dataset.load("val", i) for i in ids]  # read again every trial
         values.append(search.trial(config, samples, dataset.vocabulary))
         print(f"\r  (a) reference-style: trial {t + 1}/{len(configs)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    wall = time.perf_counter() - start
-    parts = {k: v for k, v in meter.seconds.items() if k != "reward masks"}
-    parts["reward masks"] = meter.seconds.get("reward masks", 0.0)
-    parts["the rest (loading, reading, resizing)"] = wall - sum(parts.values())
-    return Run(wall, meter.counts.get("BLIP passes", 0), meter.calls.get("BLIP passes", 0),
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    parts = {"setup (models)": setup, "BLIP passes": meter.seconds.get("BLIP passes", 0.0),
+             "CLIP": meter.seconds.get("CLIP", 0.0), "reward masks": meter.seconds.get("reward masks", 0.0)}
+    parts["the rest (reading, resizing)"] = wall - sum(parts.values())
+    return Run(wall, cpu, meter.counts.get("BLIP passes", 0), meter.calls.get("BLIP passes", 0),
                meter.counts.get("CLIP", 0), values, parts)
 
 
 # --- the whole benchmark ---------------------------------------------------------------------------
 def measure_search(images: int = 1, trials: int = TRIALS, device: str = "cpu", size: str | None = None,
                    seed: int = 0, reference_pass: str = "full", stand_in: bool = False,
-                   image_size: int | None = None, profile: str | None = None, work: str | None = None) -> dict:
+                   image_size: int | None = None, profile: str | None = None) -> dict:
     """Run (b) then (a) on the same images and configs; the result as a dict (see `print_search`)."""
     quiet_libraries()
     device = str(resolve_device(device))
     size = size or SIZE_BY_DEVICE.get(device.split(":")[0], "base")
     official = {k: (v and not stand_in) for k, v in official_pieces().items()}
-    with tempfile.TemporaryDirectory(dir=work) as tmp_name:
+    with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         blip = save_random_blip(size, str(tmp / "blip"))
         clip = save_random_clip(size, str(tmp / "clip"))
@@ -332,13 +339,16 @@ def measure_search(images: int = 1, trials: int = TRIALS, device: str = "cpu", s
         "blip": f"BLIP-{size} ({BLIP_SIZES[size]['image']} px native, searched at {side} px)",
         "clip": f"CLIP-{size} ({CLIP_SIZES[size]['image']} px, patch {CLIP_SIZES[size]['patch']})",
         "images": images, "trials": done, "seed": seed, "reference_pass": reference_pass,
-        "official_pieces": official, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "official_pieces": official, "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
         "configs": [{"layer": c.layer, "head": c.heads[0], "threshold": c.threshold} for c in configs],
         "a_reference": reference.row(done), "b_tune_run": tune.row(done),
         "ratio_wall": round(reference.wall_s / tune.wall_s, 2),
+        "ratio_cpu": round(reference.cpu_s / tune.cpu_s, 2),
         "ratio_passes": round(reference.passes / max(tune.passes, 1), 2),
         "ratio_clip_images": round(reference.clip_images / max(tune.clip_images, 1), 2),
-        "same_values": int(np.sum(diffs <= 1e-9)), "max_value_diff": float(diffs.max()) if diffs.size else 0.0,
+        "same_values": int(np.sum(diffs <= 1e-9)),
+        "max_value_diff": float(diffs.max()) if diffs.size else 0.0,
         "same_best": best_a == best_b,
         "values_a": reference.values, "values_b": tune.values,
     }
@@ -346,7 +356,7 @@ def measure_search(images: int = 1, trials: int = TRIALS, device: str = "cpu", s
 
 def print_search(result: dict) -> None:
     missing = [k for k, v in result["official_pieces"].items() if not v]
-    stand_in = {"preset": "default config, not the official preset",
+    stand_in = {"preset": "the default config, not the official preset",
                 "rebinarize": "reward masks re-binarised at 0.5, not the official rule",
                 "protocol": "caption and softmax over the ground-truth classes, not the whole vocabulary"}
     print(f"\nthe official search: {result['trials']} trials x {result['images']} images "
@@ -354,17 +364,18 @@ def print_search(result: dict) -> None:
           f"{result['device']}, torch threads {result['threads']}")
     for key in missing:
         print(f"  STAND-IN: {stand_in[key]}")
-    head = f"{'':<30}{'wall s':>10}{'model passes':>14}{'CLIP images':>13}{'s/trial':>10}"
+    head = f"{'':<22}{'wall s':>9}{'CPU s':>9}{'model passes':>14}{'CLIP images':>13}{'s/trial':>9}"
     print(head)
     print("-" * len(head))
     for label, key in (("(a) reference-style", "a_reference"), ("(b) tune run", "b_tune_run")):
         row = result[key]
-        print(f"{label:<30}{row['wall_s']:>10.1f}{row['model_passes']:>14}{row['clip_images']:>13}"
-              f"{row['s_per_trial']:>10.2f}")
-    print(f"{'ratio a/b':<30}{'x' + str(result['ratio_wall']):>10}{'x' + str(result['ratio_passes']):>14}"
-          f"{'x' + str(result['ratio_clip_images']):>13}{'x' + str(result['ratio_wall']):>10}")
-    print(f"(a): one image at a time, BLIP pass '{result['reference_pass']}'; (b): batches of up to 8 "
-          f"images, {result['b_tune_run']['model_batches']} BLIP calls")
+        print(f"{label:<22}{row['wall_s']:>9.1f}{row['cpu_s']:>9.1f}{row['model_passes']:>14}"
+              f"{row['clip_images']:>13}{row['s_per_trial']:>9.2f}")
+    ratios = [result[k] for k in ("ratio_wall", "ratio_cpu", "ratio_passes", "ratio_clip_images",
+                                  "ratio_wall")]
+    print(f"{'ratio a/b':<22}" + "".join(f"{'x' + str(r):>{w}}" for r, w in zip(ratios, (9, 9, 14, 13, 9))))
+    print(f"(a) one image at a time, BLIP pass '{result['reference_pass']}'; (b) "
+          f"{result['b_tune_run']['model_batches']} BLIP calls (batches of up to 8 images)")
     print(f"same trial values: {result['same_values']}/{result['trials']} (max |diff| "
           f"{result['max_value_diff']:.3g}); same best config: {result['same_best']}")
     for label, key in (("(a)", "a_reference"), ("(b)", "b_tune_run")):
@@ -375,7 +386,8 @@ def print_search(result: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1, help="COCO-style images searched on (default 1)")
     parser.add_argument("--trials", type=int, default=TRIALS, help=f"distinct configs (default {TRIALS})")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
