@@ -51,6 +51,7 @@ for _path in (REPO, REPO / "bench"):
 
 from _models import BLIP_SIZES, CLIP_SIZES, save_random_blip, save_random_clip  # noqa: E402
 
+from objectives import _clip as clip_module  # noqa: E402
 from objectives._clip import _image_tensor, reward_masks  # noqa: E402
 from segmenter import SegmenterConfig  # noqa: E402
 from segmenter.backends.blip import BlipBackend, resolve_device  # noqa: E402
@@ -170,8 +171,10 @@ def run_tune(spec: StudySpec, tmp: Path, device: str,
              profile: str | None) -> tuple[Run, list[SegmenterConfig]]:
     """(b): the study through StudyRunner, timed from loading the models to the last trial."""
     meter = Meter()
-    original = (trial_module.postprocess, BlipBackend.gradcam, ClipScorer.image_embeddings)
+    original = (trial_module.postprocess, clip_module.reward_masks, BlipBackend.gradcam,
+                ClipScorer.image_embeddings)
     meter.wrap(trial_module, "postprocess", "post-processing")
+    meter.wrap(clip_module, "reward_masks", "reward masks")
     meter.wrap(BlipBackend, "gradcam", "BLIP passes", lambda self, pixels, *a, **k: _batch_of(pixels))
     meter.wrap(ClipScorer, "image_embeddings", "CLIP", lambda self, images, *a, **k: _images_of(images))
     profiler = cProfile.Profile() if profile else None
@@ -189,7 +192,8 @@ def run_tune(spec: StudySpec, tmp: Path, device: str,
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         runner.close()
     finally:
-        trial_module.postprocess, BlipBackend.gradcam, ClipScorer.image_embeddings = original
+        (trial_module.postprocess, clip_module.reward_masks, BlipBackend.gradcam,
+         ClipScorer.image_embeddings) = original
     if profiler:
         profiler.dump_stats(profile)
     trials = sorted(distinct_trials(runner.study), key=lambda t: t.number)
