@@ -10,6 +10,8 @@ models we already run. Rules (`SegmenterConfig.candidates`):
   `prompt_prefix + name` is >= `threshold`; when none passes, the single best, so a prompt is
   never empty.
 - `oracle`: the ground-truth image-level labels (audits only; it reads labels).
+- `file`: per-image lists read from a JSON file `{image_id: [names]}` (`candidate_file.py`: how
+  ids and names are matched); an external source, recorded by its sha256, not dataset labels.
 
 Selected names keep the vocabulary's order.
 """
@@ -21,16 +23,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .candidate_file import load_candidate_file
 from .config import CANDIDATE_RULES
 
 #: which labels each rule reads: "none" or "image-level"
 CANDIDATE_LABEL_USE: dict[str, str] = {
     "all": "none", "clip_topk": "none", "itm_threshold": "none", "oracle": "image-level",
+    "file": "none",  # reads no dataset labels; the file is recorded as an external source
 }
 
 
 def candidate_label_use(rule: str) -> str:
-    """The labels a candidate rule reads: "image-level" for `oracle`, "none" for the others."""
+    """The dataset labels a candidate rule reads: "image-level" for `oracle`, "none" for the others
+    (`file` reads a file of the user's, recorded by its hash as an external source)."""
     _check_rule(rule)
     return CANDIDATE_LABEL_USE[rule]
 
@@ -47,17 +52,23 @@ def select_candidates(
     threshold: float = 0.5,
     prompt_prefix: str = "a picture of ",
     image_size: int | None = None,
+    image_id: str | None = None,
+    candidates_file: str | None = None,
+    synonyms: Sequence[Sequence[str]] | None = None,
 ) -> tuple[str, ...]:
     """The candidate class names of one HxWx3 uint8 image under `rule`, in vocabulary order.
 
     `backend` (a BlipBackend) is needed by `itm_threshold`, `clip` (a ClipScorer) by `clip_topk`,
-    `image_classes` by `oracle`. `image_size` is BLIP's input side (default: its native size).
+    `image_classes` by `oracle`, `image_id` and `candidates_file` by `file` (`synonyms[i]`: other
+    names of `vocabulary[i]` that the file may use). `image_size` is BLIP's input side (default:
+    its native size).
     """
     indices = candidate_indices(
         rule, [image], [vocabulary],
         image_classes=None if image_classes is None else [image_classes],
         backend=backend, clip=clip, topk=topk, threshold=threshold, prompt_prefix=prompt_prefix,
-        image_size=image_size,
+        image_size=image_size, image_ids=None if image_id is None else [image_id],
+        candidates_file=candidates_file, synonyms=synonyms,
     )[0]
     return tuple(str(vocabulary[i]) for i in indices)
 
@@ -74,10 +85,14 @@ def candidate_indices(
     threshold: float = 0.5,
     prompt_prefix: str = "a picture of ",
     image_size: int | None = None,
+    image_ids: Sequence[str] | None = None,
+    candidates_file: str | None = None,
+    synonyms: Sequence[Sequence[str]] | None = None,
 ) -> list[list[int]]:
     """`select_candidates` for a batch: per image the sorted indices into its vocabulary.
 
-    Images that share a vocabulary are scored in one batched model call.
+    Images that share a vocabulary are scored in one batched model call. `file` may leave an
+    image with no candidate (an empty list in the file: background only).
     """
     _check_rule(rule)
     if len(images) != len(vocabularies):
@@ -94,6 +109,8 @@ def candidate_indices(
             raise ValueError(f"{len(images)} images but {len(image_classes)} image_classes lists")
         # names of image_classes that are not in the vocabulary (e.g. "background") are ignored
         return [_present(vocab, present) for vocab, present in zip(vocabularies, image_classes)]
+    if rule == "file":
+        return _from_file(candidates_file, image_ids, vocabularies, synonyms)
 
     out: list[list[int]] = [[] for _ in images]
     groups: dict[tuple[str, ...], list[int]] = {}
@@ -115,6 +132,18 @@ def candidate_indices(
                 passed = np.flatnonzero(row >= threshold).tolist()
                 out[b] = passed or [int(np.argmax(row))]
     return out
+
+
+def _from_file(path: str | None, image_ids: Sequence[str] | None, vocabularies: Sequence[Sequence[str]],
+               synonyms: Sequence[Sequence[str]] | None) -> list[list[int]]:
+    if not path:
+        raise ValueError("candidate rule 'file' needs candidates_file: the JSON file of per-image "
+                         "class lists")
+    if image_ids is None or len(image_ids) != len(vocabularies):
+        raise ValueError("candidate rule 'file' needs each image's id (the keys of candidates_file): pass "
+                         "image_ids (segment_batch) or image_id (segment)")
+    lists = load_candidate_file(path)
+    return [lists.indices(str(i), vocab, synonyms) for i, vocab in zip(image_ids, vocabularies)]
 
 
 def _present(vocabulary: Sequence[str], image_classes: Sequence[str]) -> list[int]:

@@ -28,7 +28,7 @@ DROPOUT_SCHEDULES = ("topk", "halving")
 BLUR_BACKENDS = ("scipy", "torch")
 CRF_BACKENDS = ("dense", "conv")
 BACKGROUND_RULES = ("always", "never", "auto")
-CANDIDATE_RULES = ("all", "clip_topk", "itm_threshold", "oracle")
+CANDIDATE_RULES = ("all", "clip_topk", "itm_threshold", "oracle", "file")
 ITM_TOKENS = ("cls", "enc")
 DROPOUT_SALIENCES = ("classes", "tokens")
 CLASS_SPELLINGS = ("given", "joined")
@@ -134,6 +134,9 @@ class SegmenterConfig:
     candidates_topk: int = 5
     candidates_threshold: float = 0.5
     candidates_model: str = "openai/clip-vit-large-patch14-336"
+    # `candidates: file`: JSON {image_id: [class names]} (segmenter/candidate_file.py); a relative
+    # path in a YAML file is relative to that file's folder
+    candidates_file: str | None = None
     # Post-processing resolution (not in the paper): steps 5-10 run on the image scaled down so
     # that its longer side is at most this many pixels, and the label map is scaled back up by
     # nearest neighbour; null = full resolution (faithful, and slow on photos)
@@ -227,6 +230,11 @@ class SegmenterConfig:
              "must be in [0, 1] (an ITM match probability)")
         need(isinstance(self.candidates_model, str) and bool(self.candidates_model), "candidates_model",
              "must name a CLIP model id or a local directory")
+        need(self.candidates_file is None or (isinstance(self.candidates_file, str)
+                                              and bool(self.candidates_file)), "candidates_file",
+             "must be the path of a JSON file of per-image class lists, or null")
+        need(self.candidates != "file" or self.candidates_file is not None, "candidates_file",
+             "is required by candidates: file: give the JSON file of per-image class lists")
         side = self.postprocess_max_side
         need(side is None or (isinstance(side, int) and not isinstance(side, bool)
                               and side >= MIN_POSTPROCESS_SIDE), "postprocess_max_side",
@@ -304,6 +312,7 @@ class SegmenterConfig:
     def from_yaml(cls, text_or_path: str | Path, dataset: str | None = None) -> SegmenterConfig:
         """Read a config from YAML text or from a path to a YAML file.
 
+        A relative `candidates_file` in a file is taken relative to that file's folder.
         Raises FileNotFoundError for a missing file and ValueError for invalid or oversized YAML
         (`segmenter.yaml_input`), unknown or invalid settings, and a file that holds no setting:
         every setting would take its default, the published 1.8 GB BLIP among them, which is
@@ -318,6 +327,11 @@ class SegmenterConfig:
                 f"`model: {cls.model}` to use the published model and our defaults, or "
                 "`preset: official` for the authors' settings"
             )
+        if _looks_like_path(text_or_path) and isinstance(data, dict) and "candidates_file" in data:
+            from .candidate_file import resolve_candidates_file
+
+            data = {**data, "candidates_file": resolve_candidates_file(data["candidates_file"],
+                                                                       Path(text_or_path).parent)}
         return cls.from_dict(data, dataset)
 
 

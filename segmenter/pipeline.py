@@ -200,6 +200,8 @@ def postprocess(image: np.ndarray, maps: np.ndarray, config: SegmenterConfig, de
     original image) and the label map is scaled back to [H, W] by nearest neighbour.
     """
     full = image.shape[:2]
+    if maps.shape[0] == 0:  # no candidate class (oracle, file): everything is background
+        return np.zeros(full, dtype=np.int64)
     size = postprocess_size(*full, config.postprocess_max_side)
     if size != full:
         _note_once("cap", f"post-processing images larger than {config.postprocess_max_side} px at "
@@ -297,6 +299,7 @@ class Segmenter:
         images: Sequence[np.ndarray],
         class_lists: Sequence[Sequence[str]],
         image_classes: Sequence[Sequence[str] | None] | None = None,
+        image_ids: Sequence[str] | None = None,
     ) -> list[list[int]]:
         """Per image the indices of its class list that the prompt will name (config.candidates)."""
         rule = self.config.candidates
@@ -304,7 +307,8 @@ class Segmenter:
             rule, images, class_lists, image_classes=image_classes, backend=self.backend,
             clip=self.clip if rule == "clip_topk" else None, topk=self.config.candidates_topk,
             threshold=self.config.candidates_threshold, prompt_prefix=self.config.prompt_prefix,
-            image_size=self.config.image_size,
+            image_size=self.config.image_size, image_ids=image_ids,
+            candidates_file=self.config.candidates_file,
         )
 
     def segment_batch(
@@ -312,25 +316,30 @@ class Segmenter:
         images: Sequence,
         class_lists: Sequence[Sequence[str]],
         image_classes: Sequence[Sequence[str] | None] | None = None,
+        image_ids: Sequence[str] | None = None,
     ) -> list[SegmentationResult]:
         """Segment several images, each with its own class list (batched through the model).
 
         Under a candidate rule other than `all`, each class list is the vocabulary the rule
-        chooses from; `image_classes` (ground-truth image-level labels) only serves `oracle`.
+        chooses from; `image_classes` (ground-truth image-level labels) only serves `oracle`,
+        `image_ids` (keys of `candidates_file`) only `file`.
         """
         if len(images) != len(class_lists):
             raise ValueError(f"{len(images)} images but {len(class_lists)} class lists")
         if image_classes is not None and len(image_classes) != len(images):
             raise ValueError(f"{len(images)} images but {len(image_classes)} image_classes lists")
+        if image_ids is not None and len(image_ids) != len(images):
+            raise ValueError(f"{len(images)} images but {len(image_ids)} image_ids")
         results: list[SegmentationResult] = []
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
             arrays = [as_rgb_uint8(im) for im in images[start:stop]]
             names = [prompt_for(self.config, c).class_names for c in class_lists[start:stop]]
             chosen = self.candidate_indices(
-                arrays, names, None if image_classes is None else image_classes[start:stop]
+                arrays, names, None if image_classes is None else image_classes[start:stop],
+                None if image_ids is None else image_ids[start:stop],
             )
-            todo = [b for b, idx in enumerate(chosen) if idx]  # oracle may leave an image with none
+            todo = [b for b, idx in enumerate(chosen) if idx]  # oracle, file may leave an image with none
             maps = dict(zip(todo, self.relevance_maps(
                 [arrays[b] for b in todo], [[names[b][i] for i in chosen[b]] for b in todo]
             )))
@@ -357,15 +366,18 @@ class Segmenter:
         return SegmentationResult(to_class[labels], full, names, candidates)
 
     def segment(
-        self, image, class_names: Sequence[str], image_classes: Sequence[str] | None = None
+        self, image, class_names: Sequence[str], image_classes: Sequence[str] | None = None,
+        image_id: str | None = None,
     ) -> SegmentationResult:
         """Label every pixel of `image` (HxWx3 uint8 array or PIL image) with one of `class_names`.
 
         `label_map` holds 0 for background and i for `class_names[i - 1]`. `image_classes` are
-        the image's ground-truth class names, read only by the `oracle` candidate rule.
+        the image's ground-truth class names, read only by the `oracle` candidate rule;
+        `image_id` is its key in `candidates_file`, read only by the `file` rule.
         """
         if isinstance(class_names, str):
             class_names = [n for n in class_names.split(",")]
         return self.segment_batch(
-            [image], [list(class_names)], None if image_classes is None else [list(image_classes)]
+            [image], [list(class_names)], None if image_classes is None else [list(image_classes)],
+            None if image_id is None else [image_id],
         )[0]

@@ -126,6 +126,49 @@ def test_audit_fills_miou_in_on_a_labelled_split(labelled_study, tmp_path, tune)
     check_html(out / "audit.html")
 
 
+def test_audit_under_the_paper_protocol_re_evaluates_stored_miou(labelled_study, tmp_path, tune, capsys):
+    out = tmp_path / "audit"
+    assert tune(audit_args(labelled_study, out, "--protocol", "paper", "--bootstrap", "0")) == 0
+    report = json.loads((out / "audit.json").read_text())
+    src = report["miou_source"]
+    assert src["kind"] == "study" and src["protocol"] == "paper" and "paper protocol" in src["description"]
+    assert src["paper_rule"].startswith("as standard")
+    rows = report["trials_table"]
+    # the study stored standard-protocol mIoU, so every trial is measured again; on the shapes world
+    # (background is a class, no pixel unlabelled) the paper protocol scores what the standard one did
+    assert all(r["evaluated"] for r in rows)
+    assert all(r["miou"] == pytest.approx(r["stored_miou"], abs=1e-9) for r in rows)
+    assert report["consistency"]["miou_max_abs_diff"] is None  # not compared across protocols
+    capsys.readouterr()
+
+    assert tune(audit_args(labelled_study, out, "--protocol", "paper", "--no-reevaluate")) == 2
+    err = capsys.readouterr().err
+    assert "drop --no-reevaluate" in err and len(err.strip().splitlines()) == 1
+
+
+def test_audit_under_the_paper_protocol_on_a_labelled_split_agrees_with_tune_eval(labelled_study, tmp_path,
+                                                                                 tune):
+    from segmenter import SegmenterConfig
+    from tuner.datasets import load_dataset
+    from tuner.datasets.shapes_writers import write_voc_layout
+    from tuner.evaluate import evaluate_config
+
+    root = write_voc_layout(tmp_path / "VOC2012", 3, splits=("val",))  # 255 borders: protocols differ
+    out = tmp_path / "audit"
+    args = audit_args(labelled_study, out, "--dataset", "voc", "--split", "val", "--data-root", str(root),
+                      "--images", "3", "--max-trials", "2", "--bootstrap", "0", "--protocol", "paper")
+    assert tune(args) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert report["miou_source"]["protocol"] == "paper" and report["miou_source"]["images"] == 3
+    choice = next(r for r in report["trials_table"] if r["label_free_choice"])
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{labelled_study}/tune.db")
+    config = SegmenterConfig.from_dict(study.trials[choice["trial"]].user_attrs["config"])
+    result = evaluate_config(config, load_dataset("voc", root=root), "val", device="cpu", batch_size=8,
+                             cache_dir=labelled_study / "cache", protocol="both")
+    assert result["paper"]["miou"] != pytest.approx(result["miou"])  # the test tells the protocols apart
+    assert choice["miou"] == pytest.approx(result["paper"]["miou"], abs=1e-12)
+
+
 def _hand_made_study(storage: str, name: str, n: int = 8, with_miou: bool = True) -> optuna.Study:
     """Trials whose objective falls exactly as their mIoU rises; per-image counts stored with them."""
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize")

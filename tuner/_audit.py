@@ -41,6 +41,7 @@ class AuditOptions:
     batch_size: int = 8
     data_root: str | None = None
     progress: bool = False
+    protocol: str = "standard"  # evaluation protocol of the audit's mIoU: standard or paper
 
 
 @dataclass(eq=False)
@@ -102,9 +103,13 @@ def audit_study(study: optuna.Study, options: AuditOptions) -> dict[str, Any]:
         notes.append("the study minimises its objective: values are negated so that higher is better")
 
     source = _miou_source(options, attrs, trials)
+    _check_protocol(options, source)
     if source["kind"] == "evaluated":  # what the study stored was measured on its tuning images
         for t in trials:
             t.miou = t.iou_per_class = t.counts = t.foreground = None
+    elif source["kind"] == "study" and options.protocol != "standard":  # it stored standard-protocol mIoU
+        for t in trials:
+            t.miou = t.iou_per_class = t.counts = None
     if options.images is not None and source["kind"] != "evaluated":
         notes.append("--images applies to --dataset/--split evaluation only: ignored")
     audit = _Audit(options, attrs, trials, choice, source, notes, sign)
@@ -168,6 +173,22 @@ def _miou_source(options: AuditOptions, attrs: dict, trials: list[_Trial]) -> di
     return {"kind": None}
 
 
+def _check_protocol(options: AuditOptions, source: dict[str, Any]) -> None:
+    """ValueError (one line) for a protocol the audit cannot score its mIoU under."""
+    from .datasets import PROTOCOLS, dataset_class
+
+    if options.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {options.protocol!r}: the audit compares one mIoU "
+                         f"with the objective: use one of {', '.join(PROTOCOLS)}")
+    if source["kind"] is None or options.protocol == "standard":
+        return
+    if source.get("dataset"):
+        dataset_class(source["dataset"]).check_protocol(options.protocol)
+    if source["kind"] == "study" and not options.reevaluate:
+        raise ValueError(f"the study stores standard-protocol mIoU: --protocol {options.protocol} "
+                         "re-evaluates its trials on the tuning images: drop --no-reevaluate")
+
+
 def _trial(t: FrozenTrial, sign: float) -> _Trial:
     per_image = t.user_attrs.get("objective_per_image")
     stored = t.user_attrs.get("miou")
@@ -223,6 +244,12 @@ class _Audit:
     def by_number(self) -> dict[int, _Trial]:
         return {t.number: t for t in self.trials}
 
+    @property
+    def _must_evaluate(self) -> bool:
+        """True when every mIoU comes from the audit's own evaluation (a failure to run it is an error)."""
+        return self.source["kind"] == "evaluated" or (self.source["kind"] == "study"
+                                                      and self.options.protocol != "standard")
+
     # -- re-evaluation -------------------------------------------------------------------------------
     def reevaluator(self):
         """The study's models and data (built once); None, with the reason kept, when they cannot load."""
@@ -232,9 +259,10 @@ class _Audit:
             try:
                 self._reeval = Reevaluator(
                     self.attrs, device=self.options.device, cache_dir=self.options.cache_dir,
-                    batch_size=self.options.batch_size, data_root=self.options.data_root)
+                    batch_size=self.options.batch_size, data_root=self.options.data_root,
+                    protocol=self.options.protocol)
             except (ValueError, OSError, KeyError) as err:
-                if self.source["kind"] == "evaluated":
+                if self._must_evaluate:
                     raise
                 self._reeval_error = _first_line(err)
         return self._reeval
@@ -323,11 +351,11 @@ class _Audit:
         try:
             images = self.evaluation_images()
         except (ValueError, OSError, KeyError) as err:
-            if self.source["kind"] == "evaluated":
+            if self._must_evaluate:
                 raise
             self._reeval_error = _first_line(err)
             return
-        self.true_foreground = images.true_foreground()
+        self.true_foreground = images.true_foreground(self.options.protocol)
         self.eval_ids = images.ids
         from segmenter import SegmenterConfig
 
@@ -349,7 +377,7 @@ class _Audit:
                 t.evaluated = True
                 t.counts, t.foreground = out.counts, float(out.foreground.mean())
                 summed = out.counts.sum(axis=0)
-                names = images.dataset.class_names
+                names = images.dataset.scored_class_names(self.options.protocol)
                 if self.source["kind"] == "evaluated":
                     t.miou = float(S.miou_from_counts(summed))
                     t.iou_per_class = S.iou_per_class_from_counts(summed, names)
@@ -364,7 +392,7 @@ class _Audit:
                     # the study stores per-image values rounded to 6 decimals; the bootstrap needs
                     # them at full precision (an objective of magnitude 1e-20 rounds to all zeros)
                     t.objective_per_image = fresh
-                    if t.stored_miou is not None:
+                    if t.stored_miou is not None and self.options.protocol == "standard":
                         diffs_miou.append(abs(float(S.miou_from_counts(summed)) - t.stored_miou))
         if self.source["kind"] == "evaluated":
             self._refresh_tuning_objective([t for t in selected if t.evaluated])
@@ -562,14 +590,25 @@ class _Audit:
 
     def _source_report(self) -> dict[str, Any]:
         src = dict(self.source)
-        if src["kind"] == "study":
-            src["description"] = "trial user attr 'miou', measured by the study on its tuning images"
+        protocol = self.options.protocol
+        if src["kind"] is not None:
+            src["protocol"] = protocol
+        if src["kind"] == "study" and protocol == "standard":
+            src["description"] = ("trial user attr 'miou', measured by the study on its tuning images "
+                                  "(standard protocol)")
+        elif src["kind"] == "study":
+            src["description"] = (f"re-evaluated by the audit on the study's tuning images under the "
+                                  f"{protocol} protocol (the study stores standard-protocol mIoU)")
         elif src["kind"] == "evaluated":
             src["images"] = len(self.eval_ids or [])
             src["description"] = (f"re-evaluated by the audit on {src['dataset']}/{src['split']} "
-                                  f"({src['images']} images, seed {self.options.seed})")
+                                  f"({src['images']} images, seed {self.options.seed}, {protocol} protocol)")
         else:
             src["description"] = "none"
+        if src["kind"] is not None and protocol == "paper" and src.get("dataset"):
+            from .datasets import dataset_class
+
+            src["paper_rule"] = dataset_class(src["dataset"]).paper_rule
         return src
 
     def _bootstrap(self, scored: list[_Trial]) -> dict[str, Any]:
@@ -647,9 +686,13 @@ class _Audit:
             "objective_labels": objective_labels,
             "candidate_rule": attrs.get("candidate_rule"),
             "candidate_rules_in_trials": rules,
+            # files the study read beside the dataset (candidates: file): not labels, by content hash
+            "external_sources": list(attrs.get("external_sources") or []),
             "trials_using_image_labels": image_level,
             "choice_is_label_free": not reasons if objective_labels != "unknown" else None,
-            "choice_label_use": reasons or ["none: the objective and the choice's candidates read no labels"],
+            "choice_label_use": reasons or ["none: the objective and the choice's candidates read no labels"
+                                            + (" of the dataset (its candidates come from an external file, "
+                                               "below)" if attrs.get("external_sources") else "")],
             "pixel_labels_in_study": "mIoU recorded per trial for reporting only (never the objective, "
                                      "never shown to the sampler)" if stored else "not read",
             "pixel_labels_in_audit": self._audit_label_use(),
@@ -688,10 +731,11 @@ class _Audit:
                     "note": "another dataset than the study tuned on"}
         if ids is None:
             try:
+                from ._audit_eval import _takes_root
                 from .datasets import load_dataset
 
                 options = {k: _typed(v) for k, v in (self.attrs.get("dataset_options") or {}).items()}
-                if self.options.data_root:
+                if self.options.data_root and _takes_root(dataset):
                     options["root"] = self.options.data_root
                 ids = load_dataset(dataset, **options).ids(split)
                 method = "ids of the split intersected with the tuning ids"

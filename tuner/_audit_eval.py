@@ -10,7 +10,7 @@ cache no vision-language model runs: only post-processing, the objective and the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from segmenter.yaml_input import YamlInputError, load_yaml
 
 from ._audit_stats import counts_from_confusion
 from .cache import MapCache
-from .datasets import Dataset, iter_samples, load_dataset
+from .datasets import Dataset, dataset_class, iter_samples, load_dataset
 from .trial import CandidatePicker, MapProvider, TuningImage, view_label_maps
 
 #: keys of the study attr "models" that describe the segmenter; the rest are objective options
@@ -37,6 +37,7 @@ class ImageSet:
     split: str
     images: list[TuningImage]
     skipped: tuple[tuple[str, str], ...] = ()  # (id, reason) of corrupt images left out
+    _scored: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ids(self) -> list[str]:
@@ -46,15 +47,23 @@ class ImageSet:
     def labelled(self) -> bool:
         return self.dataset.has_labels and all(im.sample.labels is not None for im in self.images)
 
-    def true_foreground(self) -> float | None:
-        """Share of labelled pixels that are not the benchmark's background (None without one)."""
-        if not self.labelled or not self.dataset.has_background:
+    def scored_labels(self, protocol: str) -> list[np.ndarray]:
+        """Each image's ground truth as `protocol` scores it, made once. # each [H, W]"""
+        if protocol not in self._scored:
+            self._scored[protocol] = [self.dataset.scored_labels(protocol, self.split, im.sample)
+                                      for im in self.images]
+        return self._scored[protocol]
+
+    def true_foreground(self, protocol: str = "standard") -> float | None:
+        """Share of scored pixels that are not background under `protocol` (None without a
+        background class: the paper protocol always has one)."""
+        if not self.labelled or not (self.dataset.has_background or protocol == "paper"):
             return None
         labelled = fg = 0
-        for im in self.images:
-            keep = im.sample.labels != self.dataset.ignore_index
+        for truth in self.scored_labels(protocol):
+            keep = truth != self.dataset.ignore_index
             labelled += int(keep.sum())
-            fg += int((keep & (im.sample.labels != 0)).sum())
+            fg += int((keep & (truth != 0)).sum())
         return fg / labelled if labelled else None
 
 
@@ -72,6 +81,13 @@ def recorded_objective_options(attrs: dict[str, Any]) -> dict[str, Any]:
     if isinstance(attrs.get("objective_options"), dict):  # stored as they were, when a study has them
         return dict(attrs["objective_options"])
     return {k: _typed(v) for k, v in (attrs.get("models") or {}).items() if k not in _MODEL_KEYS}
+
+
+def _takes_root(dataset: str) -> bool:
+    """Does the dataset registered as `dataset` read a directory (a `root` option)?"""
+    import inspect
+
+    return "root" in inspect.signature(dataset_class(dataset).__init__).parameters
 
 
 def _typed(value: Any) -> Any:
@@ -96,12 +112,14 @@ class Reevaluator:
         cache_dir: str | None = "runs/cache",
         batch_size: int = 8,
         data_root: str | None = None,
+        protocol: str = "standard",
     ) -> None:
         missing = [k for k in ("dataset", "fixed", "objective") if k not in attrs]
         if missing:
             raise ValueError(f"the study records no {missing[0]!r} (not made by `tune run`): its configs "
                              "cannot be re-evaluated")
         self.attrs, self.data_root, self.batch_size = attrs, data_root, batch_size
+        self.protocol = protocol  # the evaluation protocol the counts are made under
         self.fixed = SegmenterConfig.from_dict(attrs["fixed"])
         self.backend = load_backend(self.fixed.backend, self.fixed.model, self.fixed.revision, device=device,
                                     dtype=self.fixed.dtype)
@@ -118,7 +136,7 @@ class Reevaluator:
             options: dict[str, Any] = {}
             if name == self.attrs["dataset"]:
                 options = {k: _typed(v) for k, v in (self.attrs.get("dataset_options") or {}).items()}
-            if self.data_root:
+            if self.data_root and _takes_root(name):  # the shapes world has no directory
                 options["root"] = self.data_root
             self._datasets[name] = load_dataset(name, **options)
         return self._datasets[name]
@@ -137,15 +155,19 @@ class Reevaluator:
         name = images.dataset.name
         if name not in self._pickers:
             self._pickers[name] = CandidatePicker(images.dataset.vocabulary, self.backend,
-                                                  getattr(self.objective, "clip", None))
+                                                  getattr(self.objective, "clip", None),
+                                                  images.dataset.vocabulary_synonyms)
         return self._pickers[name]
 
     def evaluate(self, config: SegmenterConfig, images: ImageSet,
                  on_image: Callable[[], None] | None = None) -> PerImage:
-        """Steps of `TrialRunner.evaluate`, keeping each image's objective, mask area and counts."""
+        """Steps of `TrialRunner.evaluate`, keeping each image's objective, mask area and counts
+        (under `self.protocol`)."""
         ds = images.dataset
         labelled = images.labelled
-        n_classes = num_label_classes(ds.class_names)
+        scored_names = ds.scored_class_names(self.protocol) if labelled else ds.class_names
+        truths = images.scored_labels(self.protocol) if labelled else [None] * len(images.images)
+        n_classes = num_label_classes(scored_names)
         pixel_labels = self.objective.labels == "pixel"
         scores: list[float] = []
         foreground: list[float] = []
@@ -158,7 +180,8 @@ class Reevaluator:
             seen_views = (view_label_maps(views, config, batch, cands, self.provider) if views
                           else [None] * len(batch))
             items = []
-            for im, names, m, seen in zip(batch, cands, maps, seen_views):
+            for im, names, m, seen, truth in zip(batch, cands, maps, seen_views,
+                                                 truths[start : start + self.batch_size]):
                 label_map = postprocess(im.sample.image, m, config, self.backend.device)  # [H, W] 0 = bg
                 items.append(ScoreInput(
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
@@ -168,8 +191,8 @@ class Reevaluator:
                 ))
                 foreground.append(float((label_map > 0).mean()))
                 if labelled:
-                    pred = to_class_ids(label_map, names, ds.class_names)
-                    cm = confusion_matrix(pred, im.sample.labels, n_classes, ds.ignore_index)
+                    pred = to_class_ids(label_map, names, scored_names)
+                    cm = confusion_matrix(pred, truth, n_classes, ds.ignore_index)
                     counts.append(counts_from_confusion(cm))
                 if on_image is not None:
                     on_image()

@@ -156,6 +156,9 @@ def ledger_lines(ledger: dict[str, Any]) -> list[str]:
         f"pixel labels in the study: {ledger['pixel_labels_in_study']}",
         f"pixel labels in this audit: {ledger['pixel_labels_in_audit']}",
     ]
+    for source in ledger.get("external_sources") or []:
+        lines.append(f"external source (not labels): {source.get('kind')} {source.get('path')}, sha256 "
+                     f"{source.get('sha256')}, {source.get('images')} images listed")
     t = ledger["tuning"]
     lines.append(f"tuned on {t['images']} images of {t['dataset']}/{t['split']} (seed {t['seed']})")
     for key, what in (("declared_eval", "study's eval split"), ("miou_images", "images mIoU is measured on")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,12 @@ def plan_outputs(inputs: Sequence[str]) -> list[tuple[Path, str]]:
     return planned
 
 
+def image_id(name: str) -> str:
+    """The id of a planned input (`plan_outputs` name): its path below the inputs' common folder,
+    suffix kept (`cam1/0001.jpg`); the keys of a `candidates_file` (candidates: file) name it."""
+    return re.sub(r"~\d+$", "", name)
+
+
 @dataclass
 class SegmentReport:
     written: list[Path] = field(default_factory=list)  # inputs whose outputs are on disk
@@ -107,7 +114,8 @@ def segment_paths(
     batch: list[tuple[Path, np.ndarray]] = []
 
     def flush() -> None:
-        results = segmenter.segment_batch([im for _, im in batch], [list(class_names)] * len(batch))
+        results = segmenter.segment_batch([im for _, im in batch], [list(class_names)] * len(batch),
+                                          image_ids=[image_id(names[path]) for path, _ in batch])
         for (path, image), result in zip(batch, results):
             base = out / names[path]
             base.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,9 @@ seen by the sampler), or, with `--dataset/--split`, a re-evaluation of the label
 the top trials and a seeded sample of the others on a labelled split. Intervals need per-image
 segmentation counts, which a study does not store, so the audit re-evaluates the trials'
 configs image by image through the study's own models and map cache (no VLM runs when the
-cache is warm) and checks that it reproduces the stored values. A study whose trials store
+cache is warm) and checks that it reproduces the stored values. `--protocol paper` scores
+mIoU as PnP-OVSS's own code does (tuner.datasets.PROTOCOLS); a study stores standard-protocol
+mIoU, so under it every mIoU is the audit's own re-evaluation. A study whose trials store
 "class_counts_per_image" and "foreground_per_image" needs no re-evaluation (format:
 `tuner._audit._trial_counts`).
 """
@@ -78,6 +80,9 @@ def add_audit_command(subparsers) -> argparse.ArgumentParser:
                        help="bootstrap replicates over images, 0 to skip (default %(default)s)")
     audit.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed of the bootstrap and the samples")
+    audit.add_argument("--protocol", choices=["standard", "paper"], default="standard",
+                       help="evaluation protocol of mIoU: standard (default) or paper (as PnP-OVSS's own "
+                            "code, background counted; re-evaluates a study's stored standard-protocol mIoU)")
     audit.add_argument("--importance", choices=["auto", "fanova", "ped-anova"], default="auto",
                        help="importance evaluator (auto: fANOVA when scikit-learn is installed)")
     audit.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
@@ -105,7 +110,7 @@ def cmd_audit(args, console) -> int:
         max_trials=args.max_trials, reevaluate=not args.no_reevaluate, bootstrap=args.bootstrap,
         seed=args.seed, importance=args.importance, device=None if args.device == "auto" else args.device,
         cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
-        data_root=args.data_root, progress=not args.no_progress,
+        data_root=args.data_root, progress=not args.no_progress, protocol=args.protocol,
     )
     report = run_audit(options)
     print_summary(report, console)  # shown even if writing fails below

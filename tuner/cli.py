@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output", default="eval.json", help="JSON file (default %(default)s)")
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
+    ev.add_argument("--protocol", choices=["standard", "paper", "both"], default="standard",
+                    help="standard: MMSeg harness of SCLIP/NACLIP (default); paper: as PnP-OVSS's own "
+                         "evaluation code, background counted; both: the two side by side")
 
     seg = sub.add_parser("segment", help="segment images with an exported config")
     seg.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
@@ -358,6 +361,7 @@ def cmd_export(args, console: Console) -> int:
         "tuning_ids": study.user_attrs.get("tuning_ids"),
         "dataset_options": study.user_attrs.get("dataset_options") or None,
         "labels_touched": study.user_attrs.get("labels_touched"),
+        "external_sources": study.user_attrs.get("external_sources") or None,
         "miou": best.user_attrs.get("miou"), "package_version": study.user_attrs.get("package_version"),
         "choice": choice.summary(),
         "confidence_check": {k: check.get(k) for k in ("reliably_better", "p_value", "effect", "images",
@@ -493,7 +497,7 @@ def cmd_eval(args, console: Console) -> int:
 
     from .cache import MapCache
     from .datasets import load_dataset
-    from .evaluate import evaluate_config
+    from .evaluate import evaluate_config, print_scores
     from .outputs import writable_file, write_text_atomic
 
     config = _config_from_args(args, args.dataset)
@@ -518,19 +522,13 @@ def cmd_eval(args, console: Console) -> int:
             config, dataset, split, images=args.images, seed=args.seed,
             device=None if args.device == "auto" else args.device, cache_dir=args.cache_dir,
             batch_size=args.batch_size, on_image=lambda n: progress.update(task, completed=n),
-            strict=args.strict,
+            strict=args.strict, protocol=args.protocol,
         )
     result["config"] = str(args.config) if args.config else f"preset {args.preset}"
     seen = _tuning_images_evaluated(dataset, split, result, provenance if same_dataset else {})
     if seen is not None:
         result["tuning_images_evaluated"] = seen[0]
-    table = Table(title=f"{result['config']} on {args.dataset}/{split} ({result['images']} images)")
-    table.add_column("class")
-    table.add_column("IoU", justify="right")
-    for name, iou in result["iou_per_class"].items():
-        table.add_row(name, "-" if iou is None else f"{iou:.4f}")
-    console.print(table)
-    console.print(f"mIoU {result['miou']:.4f}   pixel accuracy {result['pixel_accuracy']:.4f}")
+    print_scores(result, f"{result['config']} on {args.dataset}/{split} ({result['images']} images)", console)
     for item in result["skipped"]:
         console.print(f"[yellow]skipped[/] corrupt image {item['id']}: {item['reason']}", highlight=False,
                       soft_wrap=True)
@@ -605,6 +603,13 @@ def cmd_segment(args, console: Console) -> int:
 
         raise ValueError(f"no image found in {', '.join(args.inputs)} (nor below it): give image files "
                          f"or directories holding {', '.join(sorted(IMAGE_SUFFIXES))} files")
+    if config.candidates == "file":  # every input has a list of known names, before the model loads
+        from segmenter.candidate_file import load_candidate_file
+
+        from .apply import image_id
+
+        load_candidate_file(config.candidates_file).check([image_id(n) for _, n in planned], names,
+                                                          what="input images")
     writable_dir(args.out, "--out directory")  # before the model loads
     segmenter = Segmenter(config, device=None if args.device == "auto" else args.device,
                           batch_size=args.batch_size)

@@ -172,6 +172,12 @@ def load_spec(path: str | Path, preset: str | None = None) -> StudySpec:
         data = read_yaml_file(path)
     except ValueError as err:  # invalid or oversized YAML (segmenter.yaml_input)
         raise SpecError(str(err)) from None
+    fixed = data.get("fixed") if isinstance(data, dict) else None
+    if isinstance(fixed, dict) and "candidates_file" in fixed:  # relative to the spec's folder
+        from segmenter.candidate_file import resolve_candidates_file
+
+        where = resolve_candidates_file(fixed["candidates_file"], path.parent)
+        data = {**data, "fixed": {**fixed, "candidates_file": where}}
     if preset is not None and isinstance(data, dict):
         data = {**data, "preset": preset}
     return parse_spec(data, str(path))
@@ -319,6 +325,9 @@ def _parse_param(name: Any, raw: Any, earlier: list[ParamSpec], space_names: set
     names = {f.name for f in dataclasses.fields(SegmenterConfig)} | set(ALIASES)
     if name not in names:
         raise fail(key, "is not a SegmenterConfig setting (or `head`)")
+    if name == "candidates_file":
+        raise fail(key, "cannot be searched (a study records one file by its hash): set it under fixed, "
+                   "one study per file")
     if not isinstance(raw, dict) or raw.get("type") not in PARAM_TYPES:
         raise fail(f"{key}.type", f"must be one of {', '.join(PARAM_TYPES)}")
     extra = set(raw) - {"type", "low", "high", "step", "log", "choices", "condition"}

@@ -31,6 +31,7 @@ import segmenter
 from objectives import get_objective
 from segmenter import SegmenterConfig, load_backend
 from segmenter.backends import resolve_batch_size
+from segmenter.candidate_file import load_candidate_file
 from segmenter.images import image_digest
 
 from .cache import MapCache
@@ -302,17 +303,29 @@ def _grid(param: ParamSpec) -> list[Any] | None:
 def study_definition(spec: StudySpec) -> dict[str, Any]:
     """What a study's objective values depend on: trials made under another definition are not
     comparable. The data root is left out (workers may keep the data in different places)."""
+    fixed = spec.fixed.to_dict()
+    fixed.pop("candidates_file", None)  # where the class-list file lies is left out; its content is in
+    lists = candidate_file_of(spec)
     raw = {
         "objective": spec.objective,
         "objective_options": spec.objective_options,
         "dataset": spec.dataset,
         "dataset_options": {k: v for k, v in spec.dataset_options.items() if k != "root"},
-        "fixed": spec.fixed.to_dict(),
+        "fixed": fixed,
+        "candidates_file_sha256": None if lists is None else lists.sha256,
         "search_space": [dataclasses.asdict(p) for p in spec.search_space],
         "objectives": [list(o) for o in spec.objectives],  # a multi-objective study's objectives
         "tie_break": [spec.tie_break, spec.tie_break_options],
     }
     return json.loads(json.dumps(raw, sort_keys=True, default=str))
+
+
+def candidate_file_of(spec: StudySpec):
+    """The `candidates_file` (a segmenter.candidate_file.CandidateFile, read and checked) when some
+    config of the study can use the `file` candidate rule; else None."""
+    uses = spec.fixed.candidates == "file" or any(
+        p.name == "candidates" and "file" in p.choices for p in spec.search_space)
+    return load_candidate_file(spec.fixed.candidates_file) if uses else None
 
 
 def definition_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -402,6 +415,9 @@ class StudyRunner:
                 f"study {self.name!r} tunes on {len(recorded)} images; --images {options.images} "
                 "would change it: use a new --study name"
             )
+        self.candidate_file = candidate_file_of(spec)
+        if self.candidate_file is not None:  # before any model loads
+            self._check_candidate_file()
         self.backend = load_backend(spec.fixed.backend, spec.fixed.model, spec.fixed.revision,
                                     device=options.device, dtype=spec.fixed.dtype)
         self.backend.itm_token = spec.fixed.itm_token
@@ -419,7 +435,8 @@ class StudyRunner:
         self.images = self._load_images()
         self.runner = TrialRunner(
             self.dataset, self.images, self.provider, self.objective,
-            CandidatePicker(self.dataset.vocabulary, self.backend, getattr(self.objective, "clip", None)),
+            CandidatePicker(self.dataset.vocabulary, self.backend, getattr(self.objective, "clip", None),
+                            self.dataset.vocabulary_synonyms),
             batch_size=self.batch_size, pool=self._make_pool(options.workers),
             report="instance" if spec.pruner.get("type", "wilcoxon") == "wilcoxon" else "mean",
             extra=self.extra_objectives,
@@ -458,6 +475,19 @@ class StudyRunner:
                              "not be comparable; use a new --study name")
         if "definition" not in attrs or self.redefined:  # a study without trials takes the new one
             self.study.set_user_attr("definition", study_definition(self.spec))
+
+    def _check_candidate_file(self) -> None:
+        """Every image the run segments (tuning images, confidence-check images) has a list in the
+        `candidates_file` whose names are classes of the dataset."""
+        from .confidence import pick_check_ids
+
+        check = self.study.user_attrs.get("check_ids")
+        if check is None:
+            check = pick_check_ids(self.dataset.ids(self.tuning_split), self.tuning_ids, self.seed)
+        self.candidate_file.check(
+            [*self.tuning_ids, *check], self.dataset.vocabulary, self.dataset.vocabulary_synonyms,
+            what=f"images of {self.tuning_split} this run segments ({len(self.tuning_ids)} tuning, "
+                 f"{len(check)} for the confidence check)")
 
     def _extra_objectives(self) -> dict:
         """The other objectives of a multi-objective study, and the tie-break objective, by name."""
@@ -542,6 +572,8 @@ class StudyRunner:
             "objective": self.spec.objective,
             "objective_labels": self.objective_labels,
             "candidate_rule": fixed.candidates,
+            # what the study read beside the dataset: not labels, recorded by content
+            "external_sources": [self.candidate_file.source()] if self.candidate_file is not None else [],
             "labels_touched": sorted({self.objective_labels, "image-level" if fixed.uses_image_labels
                                       else "none", "pixel" if self.dataset.has_labels else "none"}),
             "package_version": segmenter.__version__,

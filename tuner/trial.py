@@ -96,10 +96,15 @@ class MapProvider:
         self, config: SegmenterConfig, images: Sequence[TuningImage],
         candidates: Sequence[Sequence[str]],
     ) -> list[np.ndarray]:
-        """Per image the class relevance maps of `config`. # [C, gh, gw]"""
+        """Per image the class relevance maps of `config`. # [C, gh, gw]
+
+        An image without candidates (an empty list of a candidates_file, an oracle image showing
+        no class) gets no maps ([0, gh, gw]) and no model pass: it is all background.
+        """
         keys = [self._key(config, im.digest, c) for im, c in zip(images, candidates)]
-        entries: list[np.ndarray | None] = [self.cache.get(k) for k in keys]
-        missing = [i for i, e in enumerate(entries) if e is None]
+        entries: list[np.ndarray | None] = [self.cache.get(k) if len(c) else None
+                                            for k, c in zip(keys, candidates)]
+        missing = [i for i, e in enumerate(entries) if e is None and len(candidates[i])]
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             pixels = self.backend.prepare_images([images[i].sample.image for i in chunk], config.image_size)
@@ -114,7 +119,10 @@ class MapProvider:
                 entries[i] = array
                 self.cache.put(keys[i], array)
         out = []
-        for array in entries:
+        for array, names in zip(entries, candidates):
+            if not len(names):
+                out.append(np.zeros((0, *self.backend.patch_grid(config.image_size)), dtype=np.float32))
+                continue
             assert array is not None
             if config.dropout_rounds == 1:
                 array = array[list(config.heads)].mean(0)
@@ -143,10 +151,14 @@ class CandidatePicker:
     """The candidate classes of an image under a config's rule, computed once per image and rule.
 
     CLIP (for `clip_topk`) is the objective's when it has one, else loaded on first use.
+    `synonyms[i]` are other names of `vocabulary[i]` (Dataset.vocabulary_synonyms), which a
+    `candidates_file` may use.
     """
 
-    def __init__(self, vocabulary: Sequence[str], backend: Backend, clip=None) -> None:
+    def __init__(self, vocabulary: Sequence[str], backend: Backend, clip=None,
+                 synonyms: Sequence[Sequence[str]] | None = None) -> None:
         self.vocabulary, self.backend, self.clip = tuple(vocabulary), backend, clip
+        self.synonyms = None if synonyms is None else tuple(tuple(s) for s in synonyms)
         self._memo: dict[tuple, tuple[str, ...]] = {}
 
     def __call__(self, config: SegmenterConfig, image: TuningImage) -> tuple[str, ...]:
@@ -154,6 +166,8 @@ class CandidatePicker:
 
         key = (image.digest, config.candidates, config.candidates_topk, config.candidates_threshold,
                config.prompt_prefix, config.image_size)
+        if config.candidates == "file":  # the file lists classes by image id, not by content
+            key += (image.sample.id, config.candidates_file)
         if key not in self._memo:
             if config.candidates == "clip_topk" and self.clip is None:
                 from segmenter.clip import ClipScorer
@@ -164,6 +178,7 @@ class CandidatePicker:
                 image_classes=image.sample.image_classes, backend=self.backend, clip=self.clip,
                 topk=config.candidates_topk, threshold=config.candidates_threshold,
                 prompt_prefix=config.prompt_prefix, image_size=config.image_size,
+                image_id=image.sample.id, candidates_file=config.candidates_file, synonyms=self.synonyms,
             ))
         return self._memo[key]
 

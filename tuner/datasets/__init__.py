@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from ._base import (
+    PROTOCOLS,
     CorruptImage,
     Dataset,
     LayoutError,
@@ -62,6 +63,7 @@ def load_dataset(name: str, **options: Any) -> Dataset:
 
 __all__ = [
     "DATASETS",
+    "PROTOCOLS",
     "ClassList",
     "CorruptImage",
     "Dataset",

@@ -4,6 +4,12 @@ Every dataset also answers two pseudo-splits per split, a seeded held-out partit
 `"<split>:tune"` (a share `tune_fraction` of them) and `"<split>:eval"` (the rest). Membership
 of an id depends only on the id and `split_seed`, so it is stable when images are added, and
 the two parts never overlap. `ids()` and `load()` of every subclass accept them.
+
+Evaluation protocols (`PROTOCOLS`, `tune eval/audit --protocol`) say which classes a benchmark's
+ground truth is scored as. "standard": `class_names` and `Sample.labels`, as the MMSegmentation
+harness of the SCLIP/NACLIP family scores them. "paper": as PnP-OVSS's own evaluation code does,
+where background is always class 0 (`scored_class_names`), and each dataset's `paper_rule` says
+what becomes of its other label values (`paper_labels`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ import numpy as np
 
 from segmenter.images import UnreadableImage
 
+from ._classes import BACKGROUND
+
 #: suffixes of the pseudo-splits: "<split>:tune" and "<split>:eval"
 PARTS = ("tune", "eval")
+#: evaluation protocols: how ground truth becomes scored class ids (see the module docstring)
+PROTOCOLS = ("standard", "paper")
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,9 @@ class Dataset(abc.ABC):
     #: share of a split's ids in its "<split>:tune" pseudo-split, and the partition's seed
     tune_fraction: float = 0.2
     split_seed: int = 0
+    #: what the paper protocol does to this benchmark's ground truth, in one line; None where the
+    #: protocol has no rule for it (`--protocol paper` is then refused)
+    paper_rule: str | None = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -168,6 +181,12 @@ class Dataset(abc.ABC):
         names = self.class_names
         return names[1:] if self.has_background else names
 
+    @property
+    def vocabulary_synonyms(self) -> tuple[tuple[str, ...], ...]:
+        """`synonyms` of the `vocabulary` classes, one tuple per vocabulary name."""
+        synonyms = tuple(self.synonyms)
+        return synonyms[1:] if self.has_background else synonyms
+
     def class_id(self, name: str) -> int:
         return self.class_names.index(name)
 
@@ -179,6 +198,36 @@ class Dataset(abc.ABC):
                 f"dataset {self.name!r} has no split {split!r}: available splits are "
                 f"{available} (or <split>:tune / <split>:eval, a held-out partition of one)"
             )
+
+    # -- evaluation protocols ---------------------------------------------------------------------------
+    @classmethod
+    def check_protocol(cls, protocol: str) -> None:
+        """ValueError (one line) unless `protocol` is one of PROTOCOLS and this dataset has a rule for it."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown evaluation protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+        if protocol == "paper" and cls.paper_rule is None:
+            raise ValueError(f"dataset {cls.name!r} has no paper-protocol rule (the authors' code scores no "
+                             "such benchmark): use --protocol standard")
+
+    def scored_class_names(self, protocol: str) -> tuple[str, ...]:
+        """Names by scored class id under `protocol`: `class_names` (standard), or "background" and
+        then the vocabulary (paper: background is always class 0)."""
+        self.check_protocol(protocol)
+        return self.class_names if protocol == "standard" else (BACKGROUND, *self.vocabulary)
+
+    def scored_labels(self, protocol: str, split: str, sample: Sample) -> np.ndarray:
+        """Ground truth of `sample` (of `split`) as class ids of `scored_class_names(protocol)`,
+        `ignore_index` where nothing is scored. # [H, W] uint8
+
+        ValueError when the sample has no labels or the dataset no rule for `protocol`."""
+        self.check_protocol(protocol)
+        if sample.labels is None:
+            raise ValueError(f"image {sample.id!r} of dataset {self.name!r} has no pixel labels to score")
+        return sample.labels if protocol == "standard" else self.paper_labels(split, sample)
+
+    def paper_labels(self, split: str, sample: Sample) -> np.ndarray:
+        """Ground truth under the paper protocol (`paper_rule`). # [H, W] uint8, 255 not scored"""
+        raise ValueError(f"dataset {self.name!r} has no paper-protocol rule: use --protocol standard")
 
     def present_classes(self, labels: np.ndarray) -> tuple[str, ...]:
         """Names of the non-background classes in a label map (image-level labels), by id."""

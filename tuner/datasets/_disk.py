@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._base import CorruptImage, Dataset, LayoutError, MissingAnnotation, Sample
+from ._base import CorruptImage, Dataset, LayoutError, MissingAnnotation, Sample, split_parts
 from ._classes import ClassList
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -183,6 +183,8 @@ class DiskDataset(Dataset):
     Subclasses set `title`, `layout` (the expected tree), `subdirs` (where the dataset lives
     below a data root such as MMSegmentation's `data/`), `classes`, `lut` (raw label value ->
     class id), and implement `looks_like`, `scan_splits`, `list_ids`, `image_path`, `label_path`.
+    A benchmark the paper protocol scores sets `paper_rule` and `paper_lut` (raw label value ->
+    class id of `scored_class_names("paper")`, 255 not scored).
     """
 
     title: str = ""
@@ -192,6 +194,8 @@ class DiskDataset(Dataset):
     lut: np.ndarray
     #: raw label values that mean "not labelled" besides those `lut` maps to a class
     raw_ignored: tuple[int, ...] = (255,)
+    #: raw label value -> class id under the paper protocol (None: no paper rule)
+    paper_lut: np.ndarray | None = None
 
     def __init__(self, root: str | os.PathLike | None = None, *, tune_fraction: float = 0.2,
                  split_seed: int = 0) -> None:
@@ -286,6 +290,17 @@ class DiskDataset(Dataset):
     def label_coding(self, path: Path) -> LabelCoding:
         """The coding of a label file (one per dataset unless it reads several kinds of file)."""
         return LabelCoding.of(self.lut, self.raw_ignored)
+
+    def paper_labels(self, split: str, sample: Sample) -> np.ndarray:
+        """The sample's label file read again through `paper_lut` (the same values are valid)."""
+        if self.paper_lut is None:
+            return super().paper_labels(split, sample)
+        base = split_parts(split)[0]
+        path = self.label_path(base, sample.id)
+        if not path.is_file():
+            raise MissingAnnotation(self.name, sample.id, path)
+        coding = LabelCoding(self.paper_lut, self.label_coding(path).valid)
+        return coding.decode(read_index_png(path), path, self.name)
 
     # -- checks ---------------------------------------------------------------------------------------
     def label_exists(self, split: str, sample_id: str) -> bool:

@@ -1,7 +1,7 @@
 """ADE20K SceneParsing (ADEChallengeData2016), 150 classes, MMSegmentation layout.
 
 Annotation PNGs hold 0 = "other" (ignored) and 1..150 = the classes, read as class ids 0..149
-(MMSegmentation's reduce_zero_label), 255 ignored.
+(MMSegmentation's reduce_zero_label), 255 ignored. The paper protocol counts "other" as class 0.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._classes import builtin_classes
-from ._disk import DiskDataset, list_images, shifted_lut
+from ._disk import DiskDataset, list_images, lookup_table, shifted_lut
 
 SPLITS = {"train": "training", "val": "validation"}
 LAYOUT = """\
@@ -32,6 +32,8 @@ class ADE20KDataset(DiskDataset):
     classes = builtin_classes("ade20k")
     lut = shifted_lut(150, 1)
     raw_ignored = (0, 255)
+    paper_rule = "label 0 ('other') counted as class 0 (background); 151 classes (255 not scored)"
+    paper_lut = lookup_table({v: v for v in range(151)})
 
     @classmethod
     def looks_like(cls, path: Path) -> bool:

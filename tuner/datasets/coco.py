@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._base import LayoutError, MissingAnnotation
+from ._base import LayoutError, MissingAnnotation, Sample
 from ._classes import builtin_classes
 from ._disk import DiskDataset, LabelCoding, LabelValueError, list_images, lookup_table, read_index_png
 
@@ -111,15 +111,23 @@ class _CocoLayout(DiskDataset):
         return coding.decode(read_index_png(path), path, self.name)
 
 
+#: train id -> class id under the paper protocol: 0..170 -> 1..170+1, unlabelled (255) -> background 0
+TRAIN_ID_TO_PAPER = lookup_table({**{i: i + 1 for i in range(len(USED_CATEGORY_IDS))}, 255: 0})
+
+
 class CocoStuffDataset(_CocoLayout):
     """COCO-Stuff-164k: 171 classes (80 things, 91 stuff), no background, 255 ignored."""
 
     name = "coco_stuff"
     classes = builtin_classes("coco_stuff")
     lut = TRAIN_IDS
+    paper_rule = "unlabelled pixels (255) counted as background (class 0); 172 classes"
 
     def read_labels(self, split: str, sample_id: str) -> np.ndarray:
         return self.train_ids(split, sample_id)
+
+    def paper_labels(self, split: str, sample: Sample) -> np.ndarray:
+        return TRAIN_ID_TO_PAPER[sample.labels]
 
 
 #: train id -> COCO-Object class id: things 0..79 -> 1..80; stuff and unlabelled (255) -> 0
@@ -144,6 +152,8 @@ class CocoObjectDataset(_CocoLayout):
     has_background = True
     classes = builtin_classes("coco_stuff").take(0, THINGS).with_background()
     lut = TRAIN_ID_TO_OBJECT
+    paper_rule = ("as standard: stuff and unlabelled pixels are background (class 0); 81 classes "
+                  "(the authors paint instance masks first on top, crowd ones included: not reproduced)")
 
     def __init__(self, root=None, *, source: str = "auto", tune_fraction: float = 0.2,
                  split_seed: int = 0) -> None:
@@ -179,6 +189,9 @@ class CocoObjectDataset(_CocoLayout):
         path = super().label_path(split, sample_id)
         converted = self.map_dir(split) / f"{sample_id}{INSTANCE_TRAIN_IDS_SUFFIX}"
         return converted if not path.is_file() and converted.is_file() else path
+
+    def paper_labels(self, split: str, sample: Sample) -> np.ndarray:
+        return sample.labels
 
     def label_exists(self, split: str, sample_id: str) -> bool:
         if self.uses_instances(split):

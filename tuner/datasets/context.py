@@ -32,6 +32,8 @@ class PascalContext59Dataset(DiskDataset):
     classes = builtin_classes("context59")
     lut = shifted_lut(59, 1)
     raw_ignored = (0, 255)  # background pixels are not scored
+    paper_rule = "background counted as class 0; 60 classes (255 not scored)"
+    paper_lut = lookup_table({v: v for v in range(60)})
 
     @classmethod
     def looks_like(cls, path: Path) -> bool:
@@ -60,3 +62,4 @@ class PascalContext60Dataset(PascalContext59Dataset):
     has_background = True
     classes = builtin_classes("context59").with_background()
     lut = lookup_table({v: v for v in range(60)})
+    paper_rule = "as standard: background counted as class 0; 60 classes (255 not scored)"

@@ -31,6 +31,8 @@ class VocDataset(DiskDataset):
     has_background = True
     classes = builtin_classes("voc")
     lut = lookup_table({v: v for v in range(21)})
+    paper_rule = "object borders (255) counted as background (class 0); 21 classes"
+    paper_lut = lookup_table({**{v: v for v in range(21)}, 255: 0})
 
     def __init__(self, root=None, *, labels_dir: str = "SegmentationClass", tune_fraction: float = 0.2,
                  split_seed: int = 0) -> None:
@@ -64,3 +66,4 @@ class Voc20Dataset(VocDataset):
     classes = builtin_classes("voc").take(1)
     lut = shifted_lut(20, 1)
     raw_ignored = (0, 255)  # background pixels are not scored
+    paper_rule = "background and object borders (255) counted as background (class 0); 21 classes"

@@ -1,0 +1,132 @@
+"""The reproduction kit: tools/gpt4o_lists.py and tools/reproduce_paper.py on tiny fixtures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tuner.datasets import iter_samples, load_dataset
+from tuner.datasets.shapes_writers import write_coco_layout, write_voc_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- the authors' GPT-4o answers ----------------------------------------------------------------------
+@pytest.mark.parametrize("answer, names", [
+    ("[2: 'bicycle', 15: 'person'], [100, 100]", ["bicycle", "person"]),
+    ("[19: train], [100%]", ["train"]),
+    ("[20: 'tvmonitor', 15: 'person'], [90, 10]", ["tvmonitor"]),  # 10 is not above 70
+    ("[13: 'horse', 15: 'person'], [horse: 95%, person: 70%]", ["horse"]),  # 70 is not above 70
+    ("[9: chair, 11: table,\n16: pottedplant], [90, 80, 75]", ["chair", "table", "pottedplant"]),
+    ("[15: 'door;double;door', 1: 'wall'], [80%, 90%]", ["door", "wall"]),
+    ("", []),
+])
+def test_gpt4o_answers_keep_the_classes_above_70(answer, names):
+    assert tool("gpt4o_lists").parse_answer(answer) == names
+
+
+def test_gpt4o_converter_writes_a_candidates_file_and_names_a_bad_answer(tmp_path, capsys):
+    lists = tool("gpt4o_lists")
+    source = tmp_path / "voc_classification_noboundary.json"
+    source.write_text(json.dumps({"2007_000033": "[1: 'aeroplane'], [100%]",
+                                  "2007_000129": "[2: 'bicycle', 15: 'person'], [100, 60]"}))
+    out = tmp_path / "voc_lists.json"
+    assert lists.main([str(source), "-o", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"2007_000033": ["aeroplane"], "2007_000129": ["bicycle"]}
+    source.write_text(json.dumps({"2007_000033": "[1: 'aeroplane', 2: 'bicycle'], [100%]"}))
+    assert lists.main([str(source), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "2007_000033" in err and "2 classes but 1 confidences" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# -- the five benchmarks on tiny fixtures -------------------------------------------------------------
+def _save(path: Path, array: np.ndarray, mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def _pictures(rng, count: int):
+    for i in range(count):
+        labels = np.zeros((24, 32), dtype=np.uint8)
+        labels[4:16, 6:20] = 1 + i
+        labels[16:, 20:] = 3 + i
+        yield i, rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), labels
+
+
+def write_data_root(root: Path) -> Path:
+    """VOC, COCO (Object and Stuff), PASCAL Context and ADE20K layouts under their usual names."""
+    rng = np.random.default_rng(0)
+    write_voc_layout(root / "VOCdevkit" / "VOC2012", 3, seed=2)
+    write_coco_layout(root / "coco_stuff164k", 3, seed=1, splits=("val",))
+    context = root / "VOCdevkit" / "VOC2010"
+    for i, image, labels in _pictures(rng, 2):
+        _save(context / "JPEGImages" / f"2008_00000{i}.jpg", image, "RGB")
+        _save(context / "SegmentationClassContext" / f"2008_00000{i}.png", labels, "L")
+    (context / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    (context / "ImageSets" / "SegmentationContext" / "val.txt").write_text("2008_000000\n2008_000001\n")
+    ade = root / "ade" / "ADEChallengeData2016"
+    for i, image, labels in _pictures(rng, 2):
+        _save(ade / "images" / "validation" / f"ADE_val_0000000{i + 1}.jpg", image, "RGB")
+        _save(ade / "annotations" / "validation" / f"ADE_val_0000000{i + 1}.png", labels, "L")
+    return root
+
+
+def ground_truth_lists(root: Path, name: str, path: Path) -> Path:
+    """A candidates_file listing each image's ground-truth classes (as a perfect tagger would)."""
+    dataset = load_dataset(name, root=str(root))
+    lists = {s.id: [c for c in s.image_classes if c != "background"]
+             for s in iter_samples(dataset, "val", dataset.ids("val"))}
+    path.write_text(json.dumps(lists))
+    return path
+
+
+def test_reproduce_paper_runs_the_five_benchmarks_on_cpu(tmp_path, tiny_blip, capsys):
+    root = write_data_root(tmp_path / "data")
+    names = ("voc", "coco", "context", "coco_stuff", "ade20k")
+    lists = [f"{n}={ground_truth_lists(root, n, tmp_path / f'{n}.json')}" for n in names]
+    out = tmp_path / "reproduce.json"
+    code = tool("reproduce_paper").main([
+        "--data-root", str(root), "--model", tiny_blip, "--image-size", "32", "--layer", "2",
+        "--heads", "1", "--device", "cpu", "--batch-size", "2", "--no-progress", "-o", str(out),
+        *[arg for pair in lists for arg in ("--lists", pair)],
+    ])
+    printed = capsys.readouterr().out
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["dataset"] for r in rows] == list(names)
+    assert [r["paper_miou"] for r in rows] == [51.3, 36.2, 28.0, 17.9, 14.2]
+    for row in rows:
+        assert row["images"] > 0 and row["candidates"].startswith("file")
+        for key in ("miou_paper_protocol", "miou_standard"):
+            assert 0 <= row[key] <= 100 and math.isfinite(row[key])
+        assert row["benchmark"] in printed
+    # the paper protocol counts background in ADE20K (label 0) where the standard one ignores it
+    ade = rows[-1]
+    assert ade["miou_paper_protocol"] != ade["miou_standard"]
+
+
+def test_reproduce_paper_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    reproduce = tool("reproduce_paper")
+    root = write_data_root(tmp_path / "data")
+    assert reproduce.main(["--data-root", str(root), "--datasets", "voc,kitti"]) == 2
+    assert "kitti" in capsys.readouterr().err
+    assert reproduce.main(["--data-root", str(root), "--datasets", "voc", "--lists", "ade20k=x.json"]) == 2
+    assert "not among the benchmarks" in capsys.readouterr().err
+    assert reproduce.main(["--data-root", str(tmp_path / "nowhere"), "--datasets", "voc"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
