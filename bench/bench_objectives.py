@@ -57,7 +57,9 @@ BLUR = (0.0, 0.02, 0.05, 0.1)
 OBJECTIVES = (
     ("clip_reward[threshold]", "clip_reward", {"mask_source": "threshold"}),
     ("clip_reward", "clip_reward", {}),
+    ("clip_reward[official]", "clip_reward", {"mask_source": "threshold", "mask_rebinarize": "official"}),
     ("clip_margin[threshold]", "clip_margin", {"mask_source": "threshold"}),
+    ("clip_margin[official]", "clip_margin", {"mask_source": "threshold", "mask_rebinarize": "official"}),
     ("clip_margin", "clip_margin", {}),
     ("clip_contrastive", "clip_contrastive", {}),
     ("itm_match", "itm_match", {}),

@@ -14,11 +14,13 @@ from typing import NamedTuple
 from ._base import (
     LABEL_USE,
     OBJECTIVES,
+    OFFICIAL_REWARD_OPTIONS,
     VIEWS,
     Objective,
     ScoreInput,
     get_objective,
     objective_class,
+    official_reward_options,
     register_objective,
 )
 from .metrics import (
@@ -64,6 +66,7 @@ def describe_objectives() -> list[ObjectiveRow]:
 __all__ = [
     "LABEL_USE",
     "OBJECTIVES",
+    "OFFICIAL_REWARD_OPTIONS",
     "VIEWS",
     "Objective",
     "ObjectiveRow",
@@ -75,6 +78,7 @@ __all__ = [
     "miou",
     "num_label_classes",
     "objective_class",
+    "official_reward_options",
     "register_objective",
     "to_class_ids",
 ]

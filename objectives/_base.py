@@ -15,6 +15,9 @@ LABEL_USE = ("none", "image-level", "pixel")
 #: image transforms the tuner can segment and map back for objectives that ask (`Objective.views`):
 #: "hflip" mirrors the image left to right
 VIEWS = ("hflip",)
+#: objective options that make a CLIP objective (one taking `mask_rebinarize`) score the authors'
+#: reward: masks cut from the thresholded maps under the authors' mask rule (objectives._clip)
+OFFICIAL_REWARD_OPTIONS = {"mask_source": "threshold", "mask_rebinarize": "official"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,16 @@ class Objective(abc.ABC):
     def score(self, items: Sequence[ScoreInput]) -> np.ndarray:
         """One float per item. # [len(items)]"""
 
+    @classmethod
+    def options_problem(cls, options: Mapping[str, Any]) -> tuple[str, str] | None:
+        """(option, what is wrong) for the first option value the objective would refuse, or None.
+
+        Study specs call it when they are read, so a bad value fails before any model loads;
+        the constructor refuses the same values. Names and simple types are checked elsewhere
+        (tuner.spec.option_problem); this checks values.
+        """
+        return None
+
     def describe(self) -> str:
         """First line of the docstring."""
         return (self.__doc__ or "").strip().splitlines()[0] if self.__doc__ else ""
@@ -102,6 +115,28 @@ def objective_class(name: str) -> type[Objective]:
         )
     module, cls = OBJECTIVES[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def official_reward_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` of objective `name` with the authors' reward (OFFICIAL_REWARD_OPTIONS) filled in.
+
+    What a study whose fixed config is the `official` preset scores: for an objective that takes
+    `mask_rebinarize` (clip_reward, clip_margin, clip_contrastive) a missing `mask_source`
+    becomes "threshold" and, with threshold masks, a missing `mask_rebinarize` "official". Options
+    the spec gives win (`mask_source: final` keeps the final label map's masks); other objectives
+    (and an unknown name, which the spec check reports) keep their options unchanged.
+    """
+    out = dict(options)
+    try:
+        params = inspect.signature(objective_class(name).__init__).parameters
+    except (ValueError, TypeError):
+        return out
+    if "mask_rebinarize" not in params:
+        return out
+    out.setdefault("mask_source", OFFICIAL_REWARD_OPTIONS["mask_source"])
+    if out["mask_source"] == OFFICIAL_REWARD_OPTIONS["mask_source"]:
+        out.setdefault("mask_rebinarize", OFFICIAL_REWARD_OPTIONS["mask_rebinarize"])
+    return out
 
 
 def get_objective(name: str, *, backend: Any = None, **options: Any) -> Objective:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,14 +15,18 @@ from segmenter.clip import DEFAULT_CLIP, ClipScorer, resize_square
 from segmenter.images import image_digest
 from segmenter.pipeline import threshold_maps
 
-from ._base import Objective, ScoreInput
+from ._base import OFFICIAL_REWARD_OPTIONS, Objective, ScoreInput
 from .metrics import BACKGROUND
 
 #: the paper's blur of the resized mask: sigma = 0.04 x CLIP's input side
 MASK_BLUR = 0.04
-#: the blurred mask is binarised again at this level [ours: the paper does not state it; 0.5
-#: keeps the mask's extent and only rounds its corners and fills one-patch gaps]
+#: the blurred mask is binarised again at this level [ours; 0.5 keeps the mask's extent, rounds its
+#: corners and fills one-patch gaps, but erodes a small mask: a one-patch mask vanishes]
 MASK_REBINARIZE = 0.5
+#: `mask_rebinarize` value of the authors' rule [official]: resize the 0/1 map by a cubic spline,
+#: blur, min-max the blurred mask and binarise it again at the segmenter's threshold t (> t): the
+#: mask grows by an amount t controls, and a one-patch mask survives
+REBINARIZE_OFFICIAL = OFFICIAL_REWARD_OPTIONS["mask_rebinarize"]
 #: where M_k comes from: "final" = the pixels the final label map gives class k (after background,
 #: blur and CRF: what the user gets, so every searched setting can move the objective);
 #: "threshold" = the paper's masks cut from the thresholded relevance maps (see reward_masks)
@@ -32,27 +37,66 @@ MASK_SOURCES = ("final", "threshold")
 CROP_MEMO_SIZE = 20000
 
 
+def rebinarize_problem(value: object) -> str | None:
+    """What is wrong with a `rebinarize` / `mask_rebinarize` value, or None when it is valid."""
+    if value == REBINARIZE_OFFICIAL and isinstance(value, str):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        return (f"{value!r} is not a mask rule: use {REBINARIZE_OFFICIAL!r} (the authors' rule) or a "
+                "level in [0, 1) for the blurred mask")
+    return None
+
+
 def reward_masks(
     maps: np.ndarray,
     threshold: float,
     size: int,
     blur: float = MASK_BLUR,
-    rebinarize: float = MASK_REBINARIZE,
+    rebinarize: float | str = MASK_REBINARIZE,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """The paper's masks M_k on CLIP's input, one per class of `maps` [C, gh, gw]. # [C, S, S] bool
 
-    Binarise each map at the segmenter's threshold (min-max per class, >= t; exactly the pixels
-    `threshold_maps` keeps above 0), resize to S x S by nearest neighbour (each patch a block),
-    Gaussian blur with sigma = blur x S (edges replicated, kernel truncated at 4 sigma like
-    scipy), keep > rebinarize.
+    Each map is binarised at the segmenter's threshold t (min-max per class, >= t; exactly the
+    pixels `threshold_maps` keeps above 0), then, by `rebinarize`:
+
+    - a level r in [0, 1) [ours]: resize to S x S by nearest neighbour (each patch a block),
+      Gaussian blur with sigma = blur x S (edges replicated, kernel truncated at 4 sigma like
+      scipy), keep > r. The mask keeps its extent or shrinks; a one-patch mask vanishes.
+    - "official" [the authors' code]: resize the 0/1 map to S x S by a cubic spline with zeros
+      outside (scikit-image `resize(order=3, mode="constant")`), blur with sigma = blur x S
+      (scipy, edges reflected), min-max the blurred mask to [0, 1] and keep > t. The mask grows
+      (more for a low t); a one-patch mask on a 21 x 21 grid becomes about 2,800 px at S = 336.
+
+    An empty binary map gives an empty mask. Raises ValueError for another `rebinarize` value.
     """
+    problem = rebinarize_problem(rebinarize)
+    if problem:
+        raise ValueError(f"rebinarize: {problem}")
     binary = threshold_maps(np.asarray(maps, dtype=np.float32), threshold) > 0  # [C, gh, gw]
-    masks = torch.from_numpy(binary).to(device).float()[:, None]  # [C, 1, gh, gw]
-    if masks.shape[0] == 0:
+    if binary.shape[0] == 0:
         return torch.zeros(0, size, size, dtype=torch.bool, device=device)
+    if rebinarize == REBINARIZE_OFFICIAL:
+        out = np.stack([_official_mask(b, float(threshold), size, blur) for b in binary])  # [C, S, S]
+        return torch.from_numpy(out).to(device)
+    masks = torch.from_numpy(binary).to(device).float()[:, None]  # [C, 1, gh, gw]
     masks = F.interpolate(masks, size=(size, size), mode="nearest")  # [C, 1, S, S]
-    return gaussian_blur(masks, blur * size)[:, 0] > rebinarize
+    return gaussian_blur(masks, blur * size)[:, 0] > float(rebinarize)
+
+
+def _official_mask(binary: np.ndarray, threshold: float, size: int, blur: float) -> np.ndarray:
+    """The authors' mask rule for one [gh, gw] bool map. # [S, S] bool"""
+    from scipy.ndimage import gaussian_filter
+    from skimage.transform import resize
+
+    if not binary.any():
+        return np.zeros((size, size), dtype=bool)
+    up = resize(binary.astype(np.float64), (size, size), order=3, mode="constant")  # [S, S]
+    soft = gaussian_filter(up, blur * size, mode="reflect") if blur > 0 else up
+    low, high = float(soft.min()), float(soft.max())
+    if high <= low:  # a constant blurred mask: nothing to normalise
+        return np.full((size, size), high > 0)
+    return (soft - low) / (high - low) > threshold
 
 
 def final_masks(label_map: np.ndarray, classes: int, size: int,
@@ -94,8 +138,9 @@ class ClipObjective(Objective):
     CLIP's learned scale; or a number), `mask_source` ("final", the default: M_k from the final
     label map, so blur, CRF and background settings change the score; "threshold": the paper's
     masks from the thresholded maps, which those settings cannot move), `mask_blur` and
-    `mask_rebinarize` (the paper's mask rule, used with "threshold" only); `clip` shares an
-    already loaded `ClipScorer` (then the model options are not used).
+    `mask_rebinarize` (the mask rule of "threshold" masks, see `reward_masks`: a level in [0, 1),
+    0.5 by default, or "official"; refused with "final", whose masks it cannot change); `clip`
+    shares an already loaded `ClipScorer` (then the model options are not used).
     """
 
     models = ("clip",)
@@ -110,20 +155,43 @@ class ClipObjective(Objective):
         batch_size: int = 32,
         logit_scale: float | str = "paper",
         mask_blur: float = MASK_BLUR,
-        mask_rebinarize: float = MASK_REBINARIZE,
+        mask_rebinarize: float | str | None = None,
         mask_source: str = "final",
         clip: ClipScorer | None = None,
     ) -> None:
-        if mask_blur < 0 or not 0 <= mask_rebinarize < 1:
-            raise ValueError("mask_blur must be >= 0 and mask_rebinarize in [0, 1)")
-        if mask_source not in MASK_SOURCES:
-            raise ValueError(f"mask_source {mask_source!r} is unknown: use {' or '.join(MASK_SOURCES)}")
+        problem = self.options_problem({"mask_blur": mask_blur, "mask_rebinarize": mask_rebinarize,
+                                        "mask_source": mask_source})
+        if problem:
+            raise ValueError(f"{problem[0]} {problem[1]}")
         self.mask_source = mask_source
         self.clip = clip or ClipScorer(clip_model, revision=revision, device=device, batch_size=batch_size)
         self.logit_scale = self.clip.logit_scale(logit_scale)
-        self.mask_blur, self.mask_rebinarize = float(mask_blur), float(mask_rebinarize)
+        self.mask_blur = float(mask_blur)
+        self.mask_rebinarize: float | str = (
+            MASK_REBINARIZE if mask_rebinarize is None
+            else mask_rebinarize if mask_rebinarize == REBINARIZE_OFFICIAL else float(mask_rebinarize))
         self._crops: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # least recently used first
         self.crops_embedded = 0  # masked crops CLIP has run on (memo hits not counted)
+
+    @classmethod
+    def options_problem(cls, options: Mapping[str, Any]) -> tuple[str, str] | None:
+        """(option, what is wrong) for the first invalid mask option value, or None."""
+        source = options.get("mask_source", "final")
+        if source not in MASK_SOURCES:
+            return "mask_source", f"{source!r} is unknown: use {' or '.join(MASK_SOURCES)}"
+        blur = options.get("mask_blur", MASK_BLUR)
+        if isinstance(blur, bool) or not isinstance(blur, (int, float)) or not blur >= 0:
+            return "mask_blur", f"{blur!r} is not a blur: use a number >= 0 (sigma as a share of CLIP's side)"
+        rebinarize = options.get("mask_rebinarize")
+        if rebinarize is None:
+            return None
+        problem = rebinarize_problem(rebinarize)
+        if problem:
+            return "mask_rebinarize", problem
+        if source == "final":
+            return "mask_rebinarize", ("applies to mask_source: threshold only (final masks are the label "
+                                       "map's pixels): remove it, or set mask_source: threshold")
+        return None
 
     def forget_crops(self) -> None:
         """Empty the masked-crop memo (benchmarks time CLIP's work with it cold)."""
@@ -218,4 +286,5 @@ def mean_or_zero(values: np.ndarray) -> float:
 
 
 __all__ = ["ClipObjective", "reward_masks", "final_masks", "gaussian_blur", "vocabulary_names",
-           "mean_or_zero", "MASK_BLUR", "MASK_REBINARIZE", "MASK_SOURCES"]
+           "mean_or_zero", "rebinarize_problem", "MASK_BLUR", "MASK_REBINARIZE",
+           "MASK_SOURCES", "REBINARIZE_OFFICIAL"]

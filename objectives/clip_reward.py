@@ -14,10 +14,12 @@ class ClipReward(ClipObjective):
     """Number of candidate classes k with P(k | M_k * I) > P(k | black image) (PnP-OVSS reward).
 
     For each candidate class k the binarised map becomes a mask M_k on CLIP's input (resize to
-    S x S, blur sigma = 0.04 S, re-binarise at 0.5), and CLIP, with a softmax over the image's
-    candidate names only (cosine similarity / 0.01, no prompt template), says how likely k is
-    for the masked image M_k * I and for the black image; the image scores one point per class
-    whose masked image wins. An empty mask is the black image itself and never wins.
+    S x S, blur sigma = 0.04 S, re-binarise: at 0.5 by default, or by the authors' rule with
+    `mask_rebinarize: official`; or the final label map's pixels, `mask_source`), and CLIP, with
+    a softmax over the image's candidate names only (cosine similarity / 0.01, no prompt
+    template), says how likely k is for the masked image M_k * I and for the black image; the
+    image scores one point per class whose masked image wins. An empty mask is the black image
+    itself and never wins.
 
     Rationale: a mask that covers its object makes CLIP name that class more confidently than it
     does on a blank input, while a mask on the wrong region or on nothing does not, so counting

@@ -56,6 +56,24 @@ class Combination(Objective):
         self.labels = max((p.labels for p in self.parts.values()), key=LABEL_USE.index)
         self.last_parts: dict[str, np.ndarray] = {}  # each part's per-image scores of the last call
 
+    @classmethod
+    def options_problem(cls, options: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Each part's own value check (Objective.options_problem), as `parts.NAME.OPTION`."""
+        from ._base import objective_class
+
+        parts = options.get("parts")
+        for name, declared in (parts.items() if isinstance(parts, Mapping) else ()):
+            if not isinstance(declared, Mapping):
+                continue
+            try:
+                part = objective_class(name)
+            except ValueError:  # the constructor names it
+                continue
+            problem = part.options_problem({k: v for k, v in declared.items() if k != "weight"})
+            if problem:
+                return f"parts.{name}.{problem[0]}", problem[1]
+        return None
+
     def score(self, items: Sequence[ScoreInput]) -> np.ndarray:
         total = np.zeros(len(items), dtype=np.float64)
         self.last_parts = {}

@@ -676,15 +676,19 @@ class _Audit:
         reasons = []
         if objective_labels not in ("none", "unknown"):
             reasons.append(f"the objective {attrs.get('objective')!r} reads {objective_labels} labels")
+        protocol = attrs.get("protocol", "standard")
         if choice.frozen.user_attrs.get("labels_used", "none") != "none":
             used = choice.frozen.user_attrs["labels_used"]
-            reasons.append(f"the choice's candidate rule reads {used} labels")
+            reasons.append(f"the search protocol paper reads {used} labels (each tuning image's ground-truth "
+                           "classes are its candidates)" if protocol == "paper"
+                           else f"the choice's candidate rule reads {used} labels")
         stored = any(t.stored_miou is not None for t in self.trials)
         ledger: dict[str, Any] = {
             "labels_touched": attrs.get("labels_touched", "unknown (not recorded)"),
             "objective": attrs.get("objective"),
             "objective_labels": objective_labels,
             "candidate_rule": attrs.get("candidate_rule"),
+            "search_protocol": protocol,
             "candidate_rules_in_trials": rules,
             # files the study read beside the dataset (candidates: file): not labels, by content hash
             "external_sources": list(attrs.get("external_sources") or []),

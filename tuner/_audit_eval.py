@@ -23,7 +23,7 @@ from segmenter.yaml_input import YamlInputError, load_yaml
 from ._audit_stats import counts_from_confusion
 from .cache import MapCache
 from .datasets import Dataset, dataset_class, iter_samples, load_dataset
-from .trial import CandidatePicker, MapProvider, TuningImage, view_label_maps
+from .trial import CandidatePicker, MapProvider, TuningImage, ground_truth_candidates, view_label_maps
 
 #: keys of the study attr "models" that describe the segmenter; the rest are objective options
 _MODEL_KEYS = ("backend", "model", "revision")
@@ -129,7 +129,7 @@ class Reevaluator:
         self.cache = MapCache(cache_dir)
         self.provider = MapProvider(self.backend, self.cache, batch_size)
         self._datasets: dict[str, Dataset] = {}
-        self._pickers: dict[str, CandidatePicker] = {}
+        self._pickers: dict[str, Callable[[SegmenterConfig, TuningImage], tuple[str, ...]]] = {}
 
     def dataset(self, name: str) -> Dataset:
         if name not in self._datasets:
@@ -146,17 +146,30 @@ class Reevaluator:
         ds.check_split(split)
         stream = iter_samples(ds, split, ids)  # corrupt images are skipped, as `tune run` does
         images = [TuningImage(sample, image_digest(sample.image)) for sample in stream]
+        skipped = list(stream.skipped)
+        if self.paper:  # as `tune run` under protocol paper: an image without a class has no map
+            picker = ground_truth_candidates(ds.vocabulary)
+            skipped += [(im.sample.id, "no ground-truth class (protocol paper)") for im in images
+                        if not picker(self.fixed, im)]
+            images = [im for im in images if picker(self.fixed, im)]
         if not images:
             raise ValueError(f"none of the {len(ids)} images of {dataset}/{split} could be read")
-        return ImageSet(ds, split, images, tuple(stream.skipped))
+        return ImageSet(ds, split, images, tuple(skipped))
 
-    def candidates(self, images: ImageSet) -> CandidatePicker:
-        """The candidate picker `tune run` uses (the objective's CLIP), one per dataset vocabulary."""
+    @property
+    def paper(self) -> bool:
+        """True for a study searched under protocol paper (tuner.spec.PROTOCOLS)."""
+        return self.attrs.get("protocol") == "paper"
+
+    def candidates(self, images: ImageSet) -> Callable[[SegmenterConfig, TuningImage], tuple[str, ...]]:
+        """The candidate picker `tune run` uses (the objective's CLIP), one per dataset vocabulary;
+        under protocol paper each image's ground-truth classes, as the study's trials had them."""
         name = images.dataset.name
         if name not in self._pickers:
-            self._pickers[name] = CandidatePicker(images.dataset.vocabulary, self.backend,
-                                                  getattr(self.objective, "clip", None),
-                                                  images.dataset.vocabulary_synonyms)
+            clip = getattr(self.objective, "clip", None)
+            self._pickers[name] = (ground_truth_candidates(images.dataset.vocabulary) if self.paper
+                                   else CandidatePicker(images.dataset.vocabulary, self.backend, clip,
+                                                        images.dataset.vocabulary_synonyms))
         return self._pickers[name]
 
     def evaluate(self, config: SegmenterConfig, images: ImageSet,
@@ -175,9 +188,10 @@ class Reevaluator:
         for start in range(0, len(images.images), self.batch_size):
             batch = images.images[start : start + self.batch_size]
             cands = [self.candidates(images)(config, im) for im in batch]
-            maps = self.provider.maps(config, batch, cands)
+            caption = ds.vocabulary if self.paper else None  # protocol paper: the whole vocabulary
+            maps = self.provider.maps(config, batch, cands, caption)
             views = tuple(self.objective.views)
-            seen_views = (view_label_maps(views, config, batch, cands, self.provider) if views
+            seen_views = (view_label_maps(views, config, batch, cands, self.provider, caption) if views
                           else [None] * len(batch))
             items = []
             for im, names, m, seen, truth in zip(batch, cands, maps, seen_views,

@@ -152,6 +152,9 @@ def ledger_lines(ledger: dict[str, Any]) -> list[str]:
         + ("no labels" if ledger["objective_labels"] == "none" else f"{ledger['objective_labels']} labels")
         + "; candidate rule "
         f"{ledger['candidate_rule']} (in trials: {', '.join(ledger['candidate_rules_in_trials'])})",
+        *(["search protocol paper: every caption lists the whole vocabulary, and each tuning image's "
+           "ground-truth classes (image-level labels) are its candidates"]
+          if ledger.get("search_protocol") == "paper" else []),
         "label-free choice: " + "; ".join(ledger["choice_label_use"]),
         f"pixel labels in the study: {ledger['pixel_labels_in_study']}",
         f"pixel labels in this audit: {ledger['pixel_labels_in_audit']}",

@@ -27,6 +27,11 @@ TUNING_POSTPROCESS_MAX_SIDE = 1024
 #: options the tuner passes itself, which a spec may not set
 #: options the tuner passes itself (the loaded models, the device): a spec may not set them
 RESERVED_OPTIONS = {"objective": {"device", "clip", "backend"}, "dataset": set()}
+#: search protocols (`protocol:`): "standard" prompts each tuning image with its candidates (the
+#: config's rule); "paper" is the authors' search: every caption lists the whole vocabulary, and
+#: each image's ground-truth classes (image-level labels) are the classes cut out, segmented and
+#: scored (CLIP's softmax over them)
+PROTOCOLS = ("standard", "paper")
 
 
 class SpecError(ValueError):
@@ -82,6 +87,7 @@ class StudySpec:
     #: mean per-image rank
     tie_break: str | None = None
     tie_break_options: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "standard"  # PROTOCOLS
 
     def __post_init__(self) -> None:
         if self.objectives and self.objectives[0] != (self.objective, self.objective_options):
@@ -145,6 +151,7 @@ def _current(fixed: SegmenterConfig, values: dict[str, Any], name: str) -> Any:
 TOP_KEYS = {
     "name", "dataset", "dataset_options", "tuning", "eval_split", "objective", "objective_options",
     "fixed", "search_space", "sampler", "pruner", "trials", "objectives", "tie_break", "preset",
+    "protocol",
 }
 
 
@@ -253,6 +260,21 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
         raise fail("pruner", "a study with several objectives cannot prune: set `pruner: {type: none}`")
     objective = objectives[0] if objectives else (str(data.get("objective", "clip_reward")),
                                                   dict(data.get("objective_options") or {}))
+    if fixed_data.get("preset") == "official":  # the authors' preset scores the authors' reward
+        from objectives import official_reward_options
+
+        objective = (objective[0], official_reward_options(*objective))
+        objectives = [(name, official_reward_options(name, options)) for name, options in objectives]
+        if tie_break:
+            tie_break_options = official_reward_options(tie_break, tie_break_options)
+    protocol = data.get("protocol", "standard")
+    if protocol not in PROTOCOLS:
+        raise fail("protocol", f"must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if protocol == "paper":
+        searched = sorted(p.name for p in space if p.name.startswith("candidates"))
+        if searched:
+            raise fail(f"search_space.{searched[0]}", "protocol paper takes each image's ground-truth "
+                       "classes as its candidates: a candidate setting cannot change a trial; remove it")
     spec = StudySpec(
         source=source, dataset=data["dataset"], fixed=fixed, search_space=tuple(space),
         objective=objective[0], objective_options=objective[1],
@@ -260,7 +282,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
         dataset_options=dict(data.get("dataset_options") or {}),
         tuning_split=str(tuning.get("split", "auto")), tuning_images=int(tuning.get("images", 32)),
         tuning_seed=int(tuning.get("seed", 0)), eval_split=str(data.get("eval_split", "val")),
-        sampler=sampler, pruner=pruner, trials=trials, name=data.get("name"),
+        sampler=sampler, pruner=pruner, trials=trials, name=data.get("name"), protocol=protocol,
     )
     # every value the space can take must make a valid config
     _check_space(spec, fail)
@@ -488,6 +510,8 @@ def check_component_options(spec: StudySpec) -> None:
             where = key.removesuffix("_options") if key in ("objective_options", "dataset_options") else key
             raise SpecError(f"{spec.source}: {where}: {err}") from None
         problem = option_problem(cls, options, reserved)
+        if problem is None and hasattr(cls, "options_problem"):  # the objective's own value checks
+            problem = cls.options_problem(options)
         if problem:
             what = problem[1].replace(cls.__name__, repr(name))
             raise SpecError(f"{spec.source}: {key}.{problem[0]}: {what}")

@@ -37,7 +37,15 @@ from segmenter.images import image_digest
 from .cache import MapCache
 from .datasets import Dataset, disjoint_splits, iter_samples, load_dataset
 from .spec import ParamSpec, StudySpec, config_from_params
-from .trial import CandidatePicker, MapProvider, TrialRunner, TuningImage, finite_mean
+from .trial import (
+    CandidatePicker,
+    MapProvider,
+    TrialRunner,
+    TuningImage,
+    check_caption,
+    finite_mean,
+    ground_truth_candidates,
+)
 
 DEFAULT_STORAGE = "sqlite:///runs/tune.db"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -317,6 +325,8 @@ def study_definition(spec: StudySpec) -> dict[str, Any]:
         "objectives": [list(o) for o in spec.objectives],  # a multi-objective study's objectives
         "tie_break": [spec.tie_break, spec.tie_break_options],
     }
+    if spec.protocol != "standard":  # absent from the definitions of studies made before protocols
+        raw["protocol"] = spec.protocol
     return json.loads(json.dumps(raw, sort_keys=True, default=str))
 
 
@@ -400,6 +410,10 @@ class StudyRunner:
         if options.data_root:
             dataset_options["root"] = options.data_root
         self.dataset = load_dataset(spec.dataset, **dataset_options)
+        self.paper = spec.protocol == "paper"  # captions list the vocabulary; candidates: image labels
+        if self.paper and not self.dataset.has_labels:
+            raise ValueError(f"protocol paper takes each image's ground-truth classes as its candidates, and "
+                             f"dataset {spec.dataset!r} has no labels: use `protocol: standard`")
         # tuning and evaluation images are disjoint unless a spec names both splits itself
         if spec.tuning_split == "auto":
             self.tuning_split, self.eval_split = disjoint_splits(self.dataset, spec.eval_split)
@@ -432,14 +446,17 @@ class StudyRunner:
         self.cache = MapCache(options.cache_dir)
         self.batch_size = resolve_batch_size(options.batch_size, self.backend, spec.fixed.image_size)
         self.provider = MapProvider(self.backend, self.cache, self.batch_size)
+        if self.paper:
+            check_caption(self.backend, spec.fixed, self.dataset.vocabulary)
         self.images = self._load_images()
         self.runner = TrialRunner(
             self.dataset, self.images, self.provider, self.objective,
+            ground_truth_candidates(self.dataset.vocabulary) if self.paper else
             CandidatePicker(self.dataset.vocabulary, self.backend, getattr(self.objective, "clip", None),
                             self.dataset.vocabulary_synonyms),
             batch_size=self.batch_size, pool=self._make_pool(options.workers),
             report="instance" if spec.pruner.get("type", "wilcoxon") == "wilcoxon" else "mean",
-            extra=self.extra_objectives,
+            extra=self.extra_objectives, caption=self.dataset.vocabulary if self.paper else None,
         )
         self._record_study_attrs()
 
@@ -548,10 +565,18 @@ class StudyRunner:
         stream = iter_samples(self.dataset, self.tuning_split, self.tuning_ids, strict=self.options.strict)
         images = [TuningImage(sample, image_digest(sample.image)) for sample in stream]
         self.skipped = stream.skipped
+        if self.paper:  # the authors' search reads images with labels only: one without a class has no map
+            self.skipped += [(im.sample.id, "no ground-truth class (protocol paper)") for im in images
+                             if not self._ground_truth(im)]
+            images = [im for im in images if self._ground_truth(im)]
         if not images:
             raise ValueError(f"none of the {len(self.tuning_ids)} tuning images could be read")
         self.tuning_ids = [im.sample.id for im in images]
         return images
+
+    def _ground_truth(self, image: TuningImage) -> tuple[str, ...]:
+        """The image's candidates under protocol paper (its ground-truth classes)."""
+        return ground_truth_candidates(self.dataset.vocabulary)(self.spec.fixed, image)
 
     def _record_study_attrs(self) -> None:
         attrs = self.study.user_attrs
@@ -574,7 +599,8 @@ class StudyRunner:
             "candidate_rule": fixed.candidates,
             # what the study read beside the dataset: not labels, recorded by content
             "external_sources": [self.candidate_file.source()] if self.candidate_file is not None else [],
-            "labels_touched": sorted({self.objective_labels, "image-level" if fixed.uses_image_labels
+            "protocol": self.spec.protocol,
+            "labels_touched": sorted({self.objective_labels, "image-level" if self._reads_image_labels(fixed)
                                       else "none", "pixel" if self.dataset.has_labels else "none"}),
             "package_version": segmenter.__version__,
             "models": {
@@ -593,6 +619,11 @@ class StudyRunner:
         for key, value in record.items():
             if key not in attrs or getattr(self, "redefined", False):
                 self.study.set_user_attr(key, value)
+
+    def _reads_image_labels(self, config: SegmenterConfig) -> bool:
+        """True when a trial of `config` reads image-level labels: its candidate rule (`oracle`), or the
+        search protocol paper, whose candidates are each image's ground-truth classes."""
+        return self.paper or config.uses_image_labels
 
     # -- running -----------------------------------------------------------------------------------
     def finished(self) -> int:
@@ -615,7 +646,7 @@ class StudyRunner:
                     trial.report(value, step)
                 raise optuna.TrialPruned(f"repeats trial {earlier.number}, which was pruned")
             return tuple(earlier.values) if len(earlier.values) > 1 else float(earlier.value)
-        trial.set_user_attr("labels_used", "image-level" if config.uses_image_labels else "none")
+        trial.set_user_attr("labels_used", "image-level" if self._reads_image_labels(config) else "none")
         multi = len(self.spec.objectives) > 1
         with self._interruptible():
             outcome = self.runner.evaluate(config, None if multi else trial, on_image=on_image)
@@ -801,6 +832,8 @@ class StudyRunner:
             return self.images, True
         stream = iter_samples(self.dataset, self.tuning_split, ids, strict=self.options.strict)
         images = [TuningImage(sample, image_digest(sample.image)) for sample in stream]
+        if self.paper:
+            images = [im for im in images if self._ground_truth(im)]
         return (images, False) if images else (self.images, True)
 
     def confidence(self, choice) -> dict:

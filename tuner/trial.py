@@ -44,16 +44,17 @@ class TuningImage:
 
 def view_label_maps(
     views: Sequence[str], config: SegmenterConfig, batch: Sequence[TuningImage],
-    candidates: Sequence[Sequence[str]], provider: MapProvider,
+    candidates: Sequence[Sequence[str]], provider: MapProvider, caption: Sequence[str] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Per image the label map of each view, mapped back onto the image. # each [H, W]
 
-    The view's maps come through the map cache like the image's own, with the same candidates.
+    The view's maps come through the map cache like the image's own, with the same candidates
+    (and caption names, see MapProvider.maps).
     """
     out: list[dict[str, np.ndarray]] = [{} for _ in batch]
     for view in views:
         shown = [im.view(view) for im in batch]
-        maps = provider.maps(config, shown, candidates)
+        maps = provider.maps(config, shown, candidates, caption)
         for row, im, m in zip(out, shown, maps):
             label_map = postprocess(im.sample.image, m, config, provider.backend.device)
             row[view] = np.ascontiguousarray(label_map[:, ::-1])  # hflip is its own inverse
@@ -77,7 +78,8 @@ class MapProvider:
         self.model_runs = 0  # batches sent to the backend
         self.weights = weights_fingerprint(backend.model_id) if cache.enabled else None
 
-    def _key(self, config: SegmenterConfig, digest: str, candidates: Sequence[str]) -> str:
+    def _key(self, config: SegmenterConfig, digest: str, candidates: Sequence[str],
+             caption: Sequence[str] | None = None) -> str:
         parts = dict(
             backend=config.backend, model=self.backend.model_id, revision=self.backend.revision,
             weights=self.weights, dtype=str(self.backend.dtype), image=digest,
@@ -90,25 +92,31 @@ class MapProvider:
             parts.update(heads=list(config.heads), schedule=config.dropout_schedule,
                          rounds=config.dropout_rounds, k=config.dropout_k,
                          first_twice=config.dropout_count_first_twice, salience=config.dropout_salience)
+        if caption is not None:  # the caption lists other names than the candidates (protocol paper)
+            parts["caption"] = list(caption)
         return cache_key(**parts)
 
     def maps(
         self, config: SegmenterConfig, images: Sequence[TuningImage],
-        candidates: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]], caption: Sequence[str] | None = None,
     ) -> list[np.ndarray]:
-        """Per image the class relevance maps of `config`. # [C, gh, gw]
+        """Per image the class relevance maps of `config`, one per candidate. # [C, gh, gw]
 
-        An image without candidates (an empty list of a candidates_file, an oracle image showing
-        no class) gets no maps ([0, gh, gw]) and no model pass: it is all background.
+        The caption lists each image's candidates, or, given `caption` (protocol paper: the whole
+        vocabulary), those names for every image, and each candidate's map is cut out of it
+        (every candidate must be one of them; `check_caption` says beforehand whether the model
+        takes such a caption). An image without candidates (an empty list of a candidates_file,
+        an oracle image showing no class) gets no maps ([0, gh, gw]) and no model pass: it is all
+        background.
         """
-        keys = [self._key(config, im.digest, c) for im, c in zip(images, candidates)]
+        keys = [self._key(config, im.digest, c, caption) for im, c in zip(images, candidates)]
         entries: list[np.ndarray | None] = [self.cache.get(k) if len(c) else None
                                             for k, c in zip(keys, candidates)]
         missing = [i for i, e in enumerate(entries) if e is None and len(candidates[i])]
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             pixels = self.backend.prepare_images([images[i].sample.image for i in chunk], config.image_size)
-            prompts = [prompt_for(config, candidates[i]) for i in chunk]
+            prompts = [prompt_for(config, candidates[i] if caption is None else caption) for i in chunk]
             if config.dropout_rounds == 1:  # every head of the layer from one pass
                 cams = self.backend.gradcam(pixels, prompts, [config.layer], itm_token=config.itm_token)
                 computed = [c[0].cpu().numpy() for c in cams]  # [heads, C, gh, gw]
@@ -116,6 +124,8 @@ class MapProvider:
                 computed = [m.cpu().numpy() for m in salience_dropout(self.backend, pixels, prompts, config)]
             self.model_runs += 1
             for i, array in zip(chunk, computed):
+                if caption is not None:  # the candidates' maps of the caption's classes
+                    array = np.take(array, caption_rows(caption, candidates[i]), axis=-3)
                 entries[i] = array
                 self.cache.put(keys[i], array)
         out = []
@@ -130,6 +140,56 @@ class MapProvider:
                     array = 2.0 * array
             out.append(array.astype(np.float32))
         return out
+
+
+def caption_rows(caption: Sequence[str], candidates: Sequence[str]) -> list[int]:
+    """The index in `caption` of each candidate; ValueError for a candidate the caption lacks."""
+    where = {name: i for i, name in enumerate(caption)}
+    missing = [c for c in candidates if c not in where]
+    if missing:
+        raise ValueError(f"class {missing[0]!r} is not in the caption's names (the dataset vocabulary): "
+                         "its map cannot be cut out of the caption")
+    return [where[c] for c in candidates]
+
+
+def check_caption(backend: Backend, config: SegmenterConfig, caption: Sequence[str]) -> None:
+    """A one-line ValueError now when a caption listing every name of `caption` (protocol paper: the
+    whole vocabulary) is longer than the model takes.
+
+    Uses the backend's own tokenizer check where it has one (BLIP); with another backend such a
+    caption fails on the first batch with the backend's message.
+    """
+    tokenize = getattr(backend, "_tokenize", None)
+    if tokenize is None:
+        return
+    try:
+        tokenize([prompt_for(config, caption)])
+    except ValueError as err:
+        text = str(err)
+        if "tokens, more than" not in text:
+            raise
+        raise ValueError(f"protocol paper lists the whole vocabulary ({len(caption)} names) in every "
+                         f"caption, and {text.split(': list fewer')[0]}: use `protocol: standard` (captions "
+                         "of each image's candidates) for this dataset and model") from None
+
+
+def ground_truth_candidates(
+    vocabulary: Sequence[str],
+) -> Callable[[SegmenterConfig, TuningImage], tuple[str, ...]]:
+    """Candidates of protocol paper: an image's ground-truth classes (image-level labels), in
+    vocabulary order, whatever the config's candidate rule. ValueError for an image without labels."""
+    from segmenter.candidates import select_candidates
+
+    vocabulary = tuple(vocabulary)
+
+    def pick(config: SegmenterConfig, image: TuningImage) -> tuple[str, ...]:
+        if image.sample.image_classes is None:
+            raise ValueError(f"protocol paper needs image-level labels, and image {image.sample.id!r} has "
+                             "none: use `protocol: standard`")
+        return select_candidates("oracle", image.sample.image, vocabulary,
+                                 image_classes=image.sample.image_classes)
+
+    return pick
 
 
 def weights_fingerprint(model: str) -> list | None:
@@ -197,8 +257,12 @@ class TrialRunner:
         report: str = "instance",
         pool: Executor | None = None,
         extra: dict[str, Objective] | None = None,
+        caption: Sequence[str] | None = None,
     ) -> None:
         self.dataset, self.images, self.provider = dataset, list(images), provider
+        #: the names every caption lists (protocol paper: the whole vocabulary); None: each image's
+        #: candidates (see MapProvider.maps)
+        self.caption = None if caption is None else tuple(caption)
         self.objective, self.candidates, self.batch_size = objective, candidates, batch_size
         #: objectives scored on the same label maps beside the study's (the other objectives of a
         #: multi-objective study, the tie-break objective): per image in TrialOutcome.extra
@@ -237,7 +301,7 @@ class TrialRunner:
 
         def finish(start, batch, cands, maps, label_maps) -> None:
             items = []
-            seen_views = (view_label_maps(views, config, batch, cands, self.provider) if views
+            seen_views = (view_label_maps(views, config, batch, cands, self.provider, self.caption) if views
                           else [None] * len(batch))
             for im, names, m, label_map, seen in zip(batch, cands, maps, label_maps(), seen_views):
                 items.append(ScoreInput(
@@ -273,7 +337,7 @@ class TrialRunner:
         for start in range(0, len(self.images), self.batch_size):
             batch = self.images[start : start + self.batch_size]
             cands = [self.candidates(config, im) for im in batch]
-            maps = self.provider.maps(config, batch, cands)
+            maps = self.provider.maps(config, batch, cands, self.caption)
             started = (start, batch, cands, maps, self._start_label_maps(config, batch, maps))
             if pending is not None:
                 finish(*pending)
