@@ -2,29 +2,36 @@
 
     python bench/bench_search.py                        # BLIP-base + CLIP-B/16 sized, CPU, 1 thread
     python bench/bench_search.py --images 4 --json search.json
-    python bench/bench_search.py --device cuda --images 64   # BLIP-large + CLIP-L/14-336 sized
+    python bench/bench_search.py --device cuda --images 64 --workers 8   # BLIP-large + CLIP-L/14-336
 
-The official search (PnP-OVSS, fidelity.md section 2(e), rows 40-52): layer x head x threshold
+The official search (PnP-OVSS; fidelity.md section 2(e), rows 40-52): layer x head x threshold
 {0.05, ..., 0.45} drawn by a seeded random sampler, 34 trials, Salience Dropout off (one round),
-the ground-truth classes of each COCO image; the caption lists the whole vocabulary and the
-maps of the image's classes are cut out of it; the CLIP reward counts the classes whose masked
-crop M_k * I CLIP names more confidently than a black image (softmax over the image's classes).
+the official preset ([ENC], joined names, float32), the ground-truth classes of each COCO image;
+the caption lists the whole vocabulary (`protocol: paper`) and the maps of the image's classes
+are cut out of it; the CLIP reward (`mask_rebinarize: official`) counts the classes whose masked
+crop M_k * I CLIP names more confidently than the black image (softmax over the image's classes).
+Where a checkout lacks one of these pieces, `official_pieces` says so and both runs use today's
+stand-in (`--stand-in` forces all three); the printout names each stand-in.
 
 (b) `tune run`: a StudyRunner on a study spec of that search, timed from loading the models to
-    the last trial, with a cold map cache, no post-processing workers. Its 34 distinct configs
-    are then fed to (a).
+    the last trial, with a cold map cache and `--workers` post-processing processes (default
+    none). Like `tune run` it makes each trial's label maps (the dense CRF) to record its mIoU.
+    Its 34 distinct configs are then fed to (a).
 (a) reference-style, as the authors' search ran: one trial at a time, one image at a time; for
     every trial and image a full forward and backward through BLIP (parameters requiring grad,
     eager attention, float32, `backward()` through the text encoder and the ViT), the class maps
     cut from the caption, the reward masks, CLIP on every masked crop and on the black image, the
     class names embedded again; nothing kept from one trial or image to the next.
+    `--reference-pass gradcam` uses the project's own pass instead (no ViT backward), which
+    leaves only the reuse across trials to measure.
 
-Both read the same images (shapes-world scenes written as COCO-Stuff: `write_coco_layout`, at
+Both read the same images (shapes-world scenes written as COCO-Stuff by `write_coco_layout`, at
 BLIP's input size) with random models of the published shapes (bench/_models.py). Printed: wall
-seconds, model passes (image x text-encoder forward+backward), CLIP images embedded (crops and
-black images), seconds per trial, where each run's time goes (BLIP passes, CLIP, post-processing,
-the rest), the ratio a/b, and whether the two runs gave every trial the same value. `--json PATH`
-saves it all; `--profile PATH` writes cProfile statistics of (b).
+and CPU seconds (CPU seconds are steadier on a shared machine), model passes (images through a
+text-encoder forward + backward), CLIP images embedded (crops and black images), seconds per
+trial, where each run's time goes, the ratio a/b, and whether both runs gave every trial the
+same value. `--json PATH` saves it all; `--profile PATH` writes cProfile statistics of (b).
+One image by default: (a) costs about 10 s per trial and image with one CPU thread.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import platform
 import pstats
 import sys
@@ -113,6 +121,12 @@ class Meter:
         setattr(owner, attr, timed)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all threads) and of its ended child processes."""
+    times = os.times()
+    return time.process_time() + times.children_user + times.children_system
+
+
 def _batch_of(pixels, *_args, **_kwargs) -> int:
     return int(pixels.shape[0])
 
@@ -167,21 +181,22 @@ class Run:
                 "parts_s": {k: round(v, 2) for k, v in self.parts.items()}}
 
 
-def run_tune(spec: StudySpec, tmp: Path, device: str,
-             profile: str | None) -> tuple[Run, list[SegmenterConfig]]:
+def run_tune(spec: StudySpec, tmp: Path, device: str, profile: str | None,
+             workers: int = 0) -> tuple[Run, list[SegmenterConfig]]:
     """(b): the study through StudyRunner, timed from loading the models to the last trial."""
     meter = Meter()
     original = (trial_module.postprocess, clip_module.reward_masks, BlipBackend.gradcam,
                 ClipScorer.image_embeddings)
-    meter.wrap(trial_module, "postprocess", "post-processing")
+    if not workers:  # in worker processes it runs beside the rest; waiting for it is in "the rest"
+        meter.wrap(trial_module, "postprocess", "post-processing")
     meter.wrap(clip_module, "reward_masks", "reward masks")
     meter.wrap(BlipBackend, "gradcam", "BLIP passes", lambda self, pixels, *a, **k: _batch_of(pixels))
     meter.wrap(ClipScorer, "image_embeddings", "CLIP", lambda self, images, *a, **k: _images_of(images))
     profiler = cProfile.Profile() if profile else None
     options = RunOptions(storage=f"sqlite:///{tmp}/study.db", cache_dir=str(tmp / "cache"), device=device,
-                         progress=True, batch_size="auto")
+                         progress=True, batch_size="auto", workers=workers)
     try:
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu = time.perf_counter(), cpu_seconds()
         if profiler:
             profiler.enable()
         runner = StudyRunner(spec, options)
@@ -189,8 +204,9 @@ def run_tune(spec: StudySpec, tmp: Path, device: str,
         runner.run()
         if profiler:
             profiler.disable()
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        runner.close()
+        wall = time.perf_counter() - start
+        runner.close()  # the post-processing processes end: their CPU time is counted below
+        cpu = cpu_seconds() - cpu
     finally:
         (trial_module.postprocess, clip_module.reward_masks, BlipBackend.gradcam,
          ClipScorer.image_embeddings) = original
@@ -296,7 +312,7 @@ def run_reference(configs: Sequence[SegmenterConfig], blip: str, clip: str, root
                   device: str, reference_pass: str, official: dict[str, bool]) -> Run:
     """(a): the same configs on the same images, timed from loading the models to the last trial."""
     meter = Meter()
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), cpu_seconds()
     search = ReferenceSearch(blip, clip, device, reference_pass, official, meter)
     dataset = load_dataset(DATASET, root=root)
     setup = time.perf_counter() - start
@@ -306,7 +322,7 @@ def run_reference(configs: Sequence[SegmenterConfig], blip: str, clip: str, root
         values.append(search.trial(config, samples, dataset.vocabulary))
         print(f"\r  (a) reference-style: trial {t + 1}/{len(configs)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     parts = {"setup (models)": setup, "BLIP passes": meter.seconds.get("BLIP passes", 0.0),
              "CLIP": meter.seconds.get("CLIP", 0.0), "reward masks": meter.seconds.get("reward masks", 0.0)}
     parts["the rest (reading, resizing)"] = wall - sum(parts.values())
@@ -317,7 +333,7 @@ def run_reference(configs: Sequence[SegmenterConfig], blip: str, clip: str, root
 # --- the whole benchmark ---------------------------------------------------------------------------
 def measure_search(images: int = 1, trials: int = TRIALS, device: str = "cpu", size: str | None = None,
                    seed: int = 0, reference_pass: str = "full", stand_in: bool = False,
-                   image_size: int | None = None, profile: str | None = None) -> dict:
+                   image_size: int | None = None, profile: str | None = None, workers: int = 0) -> dict:
     """Run (b) then (a) on the same images and configs; the result as a dict (see `print_search`)."""
     quiet_libraries()
     device = str(resolve_device(device))
@@ -332,7 +348,7 @@ def measure_search(images: int = 1, trials: int = TRIALS, device: str = "cpu", s
         root = str(write_coco_layout(tmp / "coco", images, seed, splits=("val",), size=native))
         text = BLIP_SIZES[size]["text"]
         spec = search_spec(root, blip, clip, images, trials, seed, side, text[0], text[1], official)
-        tune, configs = run_tune(spec, tmp, device, profile)
+        tune, configs = run_tune(spec, tmp, device, profile, workers)
         ids = load_dataset(DATASET, root=root).ids("val")[:images]
         reference = run_reference(configs, blip, clip, root, ids, device, reference_pass, official)
     done = len(configs)
@@ -342,7 +358,7 @@ def measure_search(images: int = 1, trials: int = TRIALS, device: str = "cpu", s
         "bench": "search", "device": device, "threads": torch.get_num_threads(), "size": size,
         "blip": f"BLIP-{size} ({BLIP_SIZES[size]['image']} px native, searched at {side} px)",
         "clip": f"CLIP-{size} ({CLIP_SIZES[size]['image']} px, patch {CLIP_SIZES[size]['patch']})",
-        "images": images, "trials": done, "seed": seed, "reference_pass": reference_pass,
+        "images": images, "trials": done, "seed": seed, "reference_pass": reference_pass, "workers": workers,
         "official_pieces": official, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "configs": [{"layer": c.layer, "head": c.heads[0], "threshold": c.threshold} for c in configs],
@@ -379,7 +395,8 @@ def print_search(result: dict) -> None:
                                   "ratio_wall")]
     print(f"{'ratio a/b':<22}" + "".join(f"{'x' + str(r):>{w}}" for r, w in zip(ratios, (9, 9, 14, 13, 9))))
     print(f"(a) one image at a time, BLIP pass '{result['reference_pass']}'; (b) "
-          f"{result['b_tune_run']['model_batches']} BLIP calls (batches of up to 8 images)")
+          f"{result['b_tune_run']['model_batches']} BLIP calls (batches of up to 8 images), "
+          f"{result['workers']} post-processing workers")
     print(f"same trial values: {result['same_values']}/{result['trials']} (max |diff| "
           f"{result['max_value_diff']:.3g}); same best config: {result['same_best']}")
     for label, key in (("(a)", "a_reference"), ("(b)", "b_tune_run")):
@@ -404,14 +421,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="(a)'s BLIP pass: full forward+backward (default) or the project's gradcam")
     parser.add_argument("--stand-in", action="store_true",
                         help="use today's stand-ins even where the official pieces exist")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="(b)'s post-processing processes, as `tune run --workers` (default 0: none)")
     parser.add_argument("--profile", metavar="PATH", help="write cProfile statistics of (b) to PATH")
     parser.add_argument("--json", metavar="PATH", help="also write the result to PATH")
     args = parser.parse_args(argv)
-    if args.images < 1 or args.trials < 1 or args.threads < 1:
-        parser.error("--images, --trials and --threads must be >= 1")
+    if args.images < 1 or args.trials < 1 or args.threads < 1 or args.workers < 0:
+        parser.error("--images, --trials and --threads must be >= 1, --workers >= 0")
     torch.set_num_threads(args.threads)
     result = measure_search(args.images, args.trials, args.device, args.size, args.seed, args.reference_pass,
-                            args.stand_in, args.image_size, args.profile)
+                            args.stand_in, args.image_size, args.profile, args.workers)
     print_search(result)
     if args.profile:
         print(f"\ncProfile of (b), top 15 by cumulative time (all in {args.profile}):")
