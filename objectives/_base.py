@@ -139,15 +139,22 @@ def official_reward_options(name: str, options: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def get_objective(name: str, *, backend: Any = None, **options: Any) -> Objective:
+#: the options the caller (the tuner) passes, not the user
+PASSED_BY_CALLER = ("device", "backend", "clip", "dtype")
+
+
+def get_objective(name: str, *, backend: Any = None, dtype: str | None = None, **options: Any) -> Objective:
     """Construct the objective registered as `name` (options: model paths, device, ...).
 
-    `backend` (the segmenter's) reaches only objectives whose `models` name "segmenter"; an
+    `backend` (the segmenter's) reaches only objectives whose `models` name "segmenter", `dtype`
+    (the segmenter config's precision, which its CLIP follows) only those that take it; an
     option the objective does not take is a one-line error naming it.
     """
     cls = objective_class(name)
     if backend is not None and "segmenter" in cls.models:
         options["backend"] = backend
+    if dtype is not None and "dtype" in inspect.signature(cls.__init__).parameters:
+        options["dtype"] = dtype
     try:
         signature = inspect.signature(cls.__init__)
     except (TypeError, ValueError):  # pragma: no cover - builtins
@@ -160,6 +167,6 @@ def get_objective(name: str, *, backend: Any = None, **options: Any) -> Objectiv
         if unknown:
             raise ValueError(
                 f"objective {name!r} has no option {unknown[0]!r}: its options are "
-                f"{', '.join(n for n in accepted if n not in ('device', 'backend', 'clip')) or 'none'}"
+                f"{', '.join(n for n in accepted if n not in PASSED_BY_CALLER) or 'none'}"
             )
     return cls(**options)

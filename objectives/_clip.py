@@ -158,13 +158,15 @@ class ClipObjective(Objective):
         mask_rebinarize: float | str | None = None,
         mask_source: str = "final",
         clip: ClipScorer | None = None,
+        dtype: str | None = "auto",
     ) -> None:
         problem = self.options_problem({"mask_blur": mask_blur, "mask_rebinarize": mask_rebinarize,
                                         "mask_source": mask_source})
         if problem:
             raise ValueError(f"{problem[0]} {problem[1]}")
         self.mask_source = mask_source
-        self.clip = clip or ClipScorer(clip_model, revision=revision, device=device, batch_size=batch_size)
+        self.clip = clip or ClipScorer(clip_model, revision=revision, device=device, batch_size=batch_size,
+                                       dtype=dtype)
         self.logit_scale = self.clip.logit_scale(logit_scale)
         self.mask_blur = float(mask_blur)
         self.mask_rebinarize: float | str = (

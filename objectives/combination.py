@@ -32,7 +32,7 @@ class Combination(Objective):
     models = ("clip", "segmenter")
 
     def __init__(self, parts: Mapping[str, Any] | None = None, *, device: str | None = None,
-                 backend=None) -> None:
+                 backend=None, dtype: str | None = None) -> None:
         if not parts or not isinstance(parts, Mapping):
             raise ValueError("objective combination needs `parts`: a mapping of objective names to "
                              "weights, e.g. {clip_margin: 1.0, region_agreement: 0.5}")
@@ -48,7 +48,7 @@ class Combination(Objective):
                 raise ValueError(f"combination part {name!r}: weight must be a finite number, not {weight!r}")
             if shared_clip is not None and "clip_model" not in options and _takes_clip(name):
                 options["clip"] = shared_clip
-            part = get_objective(name, device=device, backend=backend, **options)
+            part = get_objective(name, device=device, backend=backend, dtype=dtype, **options)
             shared_clip = shared_clip or getattr(part, "clip", None)
             self.parts[name], self.weights[name] = part, float(weight)
         self.clip = shared_clip  # the candidate rule clip_topk reuses it

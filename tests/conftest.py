@@ -19,27 +19,33 @@ WORDS = [
 ]
 
 
+def bert_tokenizer(vocab: list[str], special: list[str] | None = None):
+    """A fast BERT WordPiece tokenizer over `vocab` (with `special` as extra special tokens),
+    read from a vocab.txt: the one way to build it that transformers 4.x and 5.x share (the
+    tests also run on the oldest supported version, `.ci/check_transformers_floor.sh`)."""
+    import tempfile
+
+    from transformers import BertTokenizerFast
+
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.txt").write_text("\n".join(vocab) + "\n")
+        return BertTokenizerFast.from_pretrained(folder, additional_special_tokens=special or [])
+
+
 def save_tiny_blip(path, *, text_layers=3, heads=4, image_size=32, patch=8, seed=0, hidden=32,
-                   enc=False) -> str:
+                   enc=False, max_positions=64) -> str:
     """A randomly initialised BlipForImageTextRetrieval + processor, saved with save_pretrained.
 
     `enc=True`: the tokenizer also has BLIP's [ENC] token (a special token, last id), as LAVIS's.
     """
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForImageTextRetrieval,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *(["[ENC]"] if enc else [])]
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)},
-                              additional_special_tokens=["[ENC]"] if enc else None)
+    tokenizer = bert_tokenizer(vocab, ["[ENC]"] if enc else None)
     config = BlipConfig(
         text_config=dict(
             vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=text_layers,
-            num_attention_heads=heads, intermediate_size=64, max_position_embeddings=64,
+            num_attention_heads=heads, intermediate_size=64, max_position_embeddings=max_positions,
             pad_token_id=0, bos_token_id=2, sep_token_id=3, initializer_range=0.2,
         ),
         vision_config=dict(
@@ -84,9 +90,11 @@ COLOUR_SHARPNESS = 0.05  # the colour CLIP's alpha: small = cosine similarities 
 
 def clip_tokenizer(words=CLIP_WORDS):
     """A byte-level BPE CLIPTokenizer: single letters plus merges that spell each of `words`."""
+    import json
     import string
+    import tempfile
 
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizerFast
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in string.ascii_lowercase:
@@ -101,7 +109,10 @@ def clip_tokenizer(words=CLIP_WORDS):
                 merges.append((current, symbol))
             current += symbol
             vocab.setdefault(current, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges)
+    with tempfile.TemporaryDirectory() as folder:  # files: the form transformers 4.x and 5.x share
+        Path(folder, "vocab.json").write_text(json.dumps(vocab))
+        Path(folder, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizerFast.from_pretrained(folder)
 
 
 def save_tiny_clip(path, *, colour=False, image_size=32, patch=8, seed=0) -> str:
@@ -130,10 +141,11 @@ def save_tiny_clip(path, *, colour=False, image_size=32, patch=8, seed=0) -> str
         ),
         projection_dim=8,
     )
-    torch.manual_seed(seed)
     model = CLIPModel(config).eval()
     if colour:
         _set_colour_weights(model, tokenizer, patch)
+    else:
+        redraw_weights(model, seed)
     model.save_pretrained(path)
     mean, std = ([0.0] * 3, [1.0] * 3) if colour else ([0.48, 0.46, 0.41], [0.27, 0.26, 0.28])
     processor = CLIPProcessor(
@@ -145,6 +157,38 @@ def save_tiny_clip(path, *, colour=False, image_size=32, patch=8, seed=0) -> str
     )
     processor.save_pretrained(path)
     return str(path)
+
+
+def redraw_weights(model, seed: int) -> None:
+    """Redraw a CLIPModel's weights from a generator seeded here, in parameter-name order, with
+    the spreads of CLIP's own initialisation (embedding tables 0.02, attention and MLP matrices
+    scaled by width and depth, projections 1/sqrt(width)); biases 0, LayerNorm scales 1.
+
+    transformers draws its initialisation in another order from one release to the next, so
+    without this the tiny model (and the near-ties a test guards against) would change with the
+    installed version; this way the tests see one model on every supported version."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            tower = model.config.text_config if name.startswith("text") else model.config.vision_config
+            width, depth = tower.hidden_size, tower.num_hidden_layers
+            if param.dim() == 0:  # logit_scale: from the config
+                continue
+            if name.endswith("bias"):
+                param.zero_()
+                continue
+            if "norm" in name:  # LayerNorm scale
+                param.fill_(1.0)
+                continue
+            if name.endswith("class_embedding") or name.endswith(("projection.weight", "out_proj.weight")):
+                std = width**-0.5
+            elif name.endswith("embedding.weight"):  # token, position and patch embeddings
+                std = 0.02
+            elif name.endswith("fc1.weight"):
+                std = (2 * width) ** -0.5
+            else:  # q, k, v and fc2
+                std = (2 * width * depth) ** -0.5
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 def _set_colour_weights(model, tokenizer, patch: int) -> None:

@@ -264,3 +264,21 @@ def test_map_cache_keys_tell_the_official_settings_apart(tiny_blip, tmp_path, rn
         {}, {"itm_token": "enc"}, {"class_spelling": "joined"}, {"dropout_salience": "tokens"},
         {"prompt_aliases": {"cat": "kitty"}}, {"dropout_count_first_twice": True})}
     assert len(keys) == 6
+
+
+def test_a_studys_models_follow_the_config_dtype(tmp_path, tiny_blip, tiny_clip):
+    """The official preset's float32 reaches BLIP and the objective's CLIP (bfloat16 shows it on CPU)."""
+    from conftest import write_spec
+
+    from tuner.spec import load_spec
+    from tuner.study import RunOptions, StudyRunner
+
+    path = write_spec(tmp_path, tiny_blip, tiny_clip, images=2, trials=1)
+    spec = load_spec(path)
+    spec = spec.replace(fixed=spec.fixed.replace(dtype="bfloat16"))
+    runner = StudyRunner(spec, RunOptions(storage=f"sqlite:///{tmp_path}/t.db", device="cpu", cache_dir=None,
+                                          progress=False))
+    try:
+        assert runner.backend.dtype == torch.bfloat16 and runner.objective.clip.dtype == torch.bfloat16
+    finally:
+        runner.close()

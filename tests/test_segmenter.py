@@ -278,3 +278,29 @@ def test_batch_size_auto_fills_free_memory_and_rejects_nonsense(tiny_blip):
         parse_batch_size("0")
     seg = Segmenter(SegmenterConfig(model=tiny_blip, image_size=32, layer=1, heads=(0,)), device="cpu")
     assert seg.batch_size == 8  # CPU: no memory probe
+
+
+def test_positions_are_interpolated_bicubically_to_the_patch_grid(tiny_blip, rng):
+    """At an image size other than the checkpoint's (336 on a 384 BLIP), the position grid is
+    resized bicubically (align_corners=False) to exactly the patch grid, as the authors' code
+    does once at load; transformers 4.41-4.44 scaled it by a factor instead, with other maps."""
+    backend = BlipBackend(tiny_blip, device="cpu")
+    embeddings = backend.model.vision_model.embeddings
+    seen = {}
+    handle = embeddings.register_forward_hook(lambda _m, _i, out: seen.setdefault("out", out))
+    pixels = backend.prepare_images([random_image(rng, 40, 40)], 48)  # native 32: a 4x4 grid -> 6x6
+    try:
+        backend.patch_features(pixels)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        table = embeddings.position_embedding  # [1, 1 + 4*4, D]
+        table = table.weight[None] if isinstance(table, torch.nn.Embedding) else table
+        dim = table.shape[-1]
+        grid = table[:, 1:].reshape(1, 4, 4, dim).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+        positions = torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 36, dim)], dim=1)
+        patches = embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)  # [1, 36, D]
+        tokens = torch.cat([embeddings.class_embedding.expand(1, 1, -1), patches], dim=1)
+    assert seen["out"].shape == (1, 37, dim)
+    torch.testing.assert_close(seen["out"], tokens + positions, rtol=1e-5, atol=1e-6)

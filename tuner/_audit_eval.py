@@ -125,7 +125,8 @@ class Reevaluator:
                                     dtype=self.fixed.dtype)
         self.backend.itm_token = self.fixed.itm_token
         self.objective = get_objective(attrs["objective"], device=str(self.backend.device),
-                                       backend=self.backend, **recorded_objective_options(attrs))
+                                       dtype=self.fixed.dtype, backend=self.backend,
+                                       **recorded_objective_options(attrs))
         self.cache = MapCache(cache_dir)
         self.provider = MapProvider(self.backend, self.cache, batch_size)
         self._datasets: dict[str, Dataset] = {}

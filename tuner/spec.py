@@ -26,7 +26,7 @@ ALIASES = {"head": "heads"}
 TUNING_POSTPROCESS_MAX_SIDE = 1024
 #: options the tuner passes itself, which a spec may not set
 #: options the tuner passes itself (the loaded models, the device): a spec may not set them
-RESERVED_OPTIONS = {"objective": {"device", "clip", "backend"}, "dataset": set()}
+RESERVED_OPTIONS = {"objective": {"device", "clip", "backend", "dtype"}, "dataset": set()}
 #: search protocols (`protocol:`): "standard" prompts each tuning image with its candidates (the
 #: config's rule); "paper" is the authors' search: every caption lists the whole vocabulary, and
 #: each image's ground-truth classes (image-level labels) are the classes cut out, segmented and

@@ -437,7 +437,7 @@ class StudyRunner:
         self.backend.itm_token = spec.fixed.itm_token
         self._check_space_against_model()
         self.objective = get_objective(spec.objective, device=str(self.backend.device),
-                                       backend=self.backend, **spec.objective_options)
+                                       dtype=spec.fixed.dtype, backend=self.backend, **spec.objective_options)
         self.extra_objectives = self._extra_objectives()
         #: the labels the study's objectives read (a part of a combination, another objective of a
         #: multi-objective study or the tie-break may read pixel labels: then it is not label-free)
@@ -521,7 +521,8 @@ class StudyRunner:
                     options.get("clip_model", clip.model_id) == clip.model_id:  # one CLIP in memory
                 options.pop("clip_model", None)
                 options["clip"] = clip
-            out[name] = get_objective(name, device=device, backend=self.backend, **options)
+            out[name] = get_objective(name, device=device, backend=self.backend, dtype=self.spec.fixed.dtype,
+                                      **options)
         for objective in (self.objective, *out.values()):
             if getattr(objective, "direction", "maximize") != "maximize":
                 raise ValueError(f"objective {objective.name!r} minimises: studies maximise their objectives")
