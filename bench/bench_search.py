@@ -13,9 +13,10 @@ crop M_k * I CLIP names more confidently than the black image (softmax over the 
 Where a checkout lacks one of these pieces, `official_pieces` says so and both runs use today's
 stand-in (`--stand-in` forces all three); the printout names each stand-in.
 
-(b) `tune run`: a StudyRunner on a study spec of that search, timed from loading the models to
-    the last trial, with a cold map cache and `--workers` post-processing processes (default
-    none). Like `tune run` it makes each trial's label maps (the dense CRF) to record its mIoU.
+(b) `tune run`: a StudyRunner on studies/paper_coco.yaml (models, data, image count, seed and
+    trial count replaced: `search_spec`), timed from loading the models to the last trial, with
+    a cold map cache and `--workers` post-processing processes (default none). Like `tune run`
+    it makes each trial's label maps (the dense CRF) to record its mIoU.
     Its 34 distinct configs are then fed to (a).
 (a) reference-style, as the authors' search ran: one trial at a time, one image at a time; for
     every trial and image a full forward and backward through BLIP (parameters requiring grad,
@@ -65,11 +66,12 @@ from segmenter import SegmenterConfig  # noqa: E402
 from segmenter.backends.blip import BlipBackend, resolve_device  # noqa: E402
 from segmenter.clip import PAPER_LOGIT_SCALE, ClipScorer  # noqa: E402
 from segmenter.pipeline import prompt_for  # noqa: E402
+from segmenter.yaml_input import read_yaml_file  # noqa: E402
 from tuner import spec as spec_module  # noqa: E402
 from tuner import trial as trial_module  # noqa: E402
 from tuner.datasets import load_dataset  # noqa: E402
 from tuner.datasets.shapes_writers import write_coco_layout  # noqa: E402
-from tuner.spec import StudySpec, parse_spec  # noqa: E402
+from tuner.spec import StudySpec, builtin_spec_path, parse_spec  # noqa: E402
 from tuner.study import RunOptions, StudyRunner, distinct_trials, quiet_libraries  # noqa: E402
 
 #: the official search: thresholds, trials, dataset (COCO: its whole vocabulary is the caption)
@@ -136,11 +138,30 @@ def _images_of(images, *_args, **_kwargs) -> int:
 
 
 # --- the data and the study ------------------------------------------------------------------------
+#: the shipped study spec of the official search, which (b) runs on the bench's models and images
+PAPER_SPEC = "paper_coco"
+
+
 def search_spec(root: str, blip: str, clip: str, images: int, trials: int, seed: int, image_size: int,
                 layers: int, heads: int, official: dict[str, bool]) -> StudySpec:
-    """The official search as a study spec on the random models and the written images."""
+    """The official search as a study spec on the random models and the written images.
+
+    With every official piece on this checkout: `studies/paper_coco.yaml` as shipped, with the
+    models, data root, image count, seed and trial count replaced and the layer and head ranges
+    fitted to the model (the same as shipped for base and large). Else the same search written
+    out, with today's stand-in for each missing piece.
+    """
+    if all(official.values()):
+        data = read_yaml_file(builtin_spec_path(PAPER_SPEC))
+        data["fixed"].update(model=blip, image_size=image_size, layer=min(8, layers - 1), heads=[0])
+        data["search_space"]["layer"]["high"] = layers - 1  # the last layer's maps are zero
+        data["search_space"]["head"]["high"] = heads - 1
+        data["objective_options"]["clip_model"] = clip
+        data.update(dataset_options={"root": root}, trials=trials,
+                    tuning={"split": "val", "images": images, "seed": seed})
+        return parse_spec(data, f"studies/{PAPER_SPEC}.yaml")
     fixed: dict = {"model": blip, "image_size": image_size, "layer": min(8, layers - 1), "heads": [0],
-                   "threshold": 0.15, "dropout_rounds": 1, "candidates": "oracle"}
+                   "threshold": 0.15, "dropout_rounds": 1, "background": "auto", "candidates": "oracle"}
     if official["preset"]:
         fixed = {"preset": "official", **fixed}
     objective_options: dict = {"clip_model": clip, "mask_source": "threshold"}
@@ -159,7 +180,7 @@ def search_spec(root: str, blip: str, clip: str, images: int, trials: int, seed:
     }
     if official["protocol"]:
         data["protocol"] = "paper"
-    return parse_spec(data, "<bench_search>")
+    return parse_spec(data, "the same search written out, with stand-ins")
 
 
 @dataclass
@@ -355,7 +376,8 @@ def measure_search(images: int = 1, trials: int = TRIALS, device: str = "cpu", s
     diffs = np.abs(np.asarray(tune.values) - np.asarray(reference.values))
     best_a, best_b = int(np.argmax(reference.values)), int(np.argmax(tune.values))
     return {
-        "bench": "search", "device": device, "threads": torch.get_num_threads(), "size": size,
+        "bench": "search", "spec": spec.source, "device": device, "threads": torch.get_num_threads(),
+        "size": size,
         "blip": f"BLIP-{size} ({BLIP_SIZES[size]['image']} px native, searched at {side} px)",
         "clip": f"CLIP-{size} ({CLIP_SIZES[size]['image']} px, patch {CLIP_SIZES[size]['patch']})",
         "images": images, "trials": done, "seed": seed, "reference_pass": reference_pass, "workers": workers,
@@ -379,8 +401,8 @@ def print_search(result: dict) -> None:
     stand_in = {"preset": "the default config, not the official preset",
                 "rebinarize": "reward masks re-binarised at 0.5, not the official rule",
                 "protocol": "caption and softmax over the ground-truth classes, not the whole vocabulary"}
-    print(f"\nthe official search: {result['trials']} trials x {result['images']} images "
-          f"({DATASET} vocabulary), {result['blip']}, {result['clip']}, random weights, "
+    print(f"\nthe official search ({result['spec']}): {result['trials']} trials x {result['images']} "
+          f"images ({DATASET} vocabulary), {result['blip']}, {result['clip']}, random weights, "
           f"{result['device']}, torch threads {result['threads']}")
     for key in missing:
         print(f"  STAND-IN: {stand_in[key]}")
