@@ -7,10 +7,12 @@ saved with `save_pretrained` and loaded back through the same code path as real 
 
 from __future__ import annotations
 
+import re
 import string
 
 import torch
 
+from tuner.datasets._classes import builtin_classes
 from tuner.datasets.shapes import SHAPE_CLASSES
 
 #: text layers/heads/hidden, vision layers/hidden/heads, input size, patch
@@ -25,7 +27,18 @@ CLIP_SIZES = {
     "base": dict(text=(12, 512, 8), vision=(12, 768, 12), image=224, patch=16, projection=512),
     "large": dict(text=(12, 768, 12), vision=(24, 1024, 16), image=336, patch=14, projection=768),
 }
-WORDS = ("a", "picture", "of", "background", "cat", "dog", "person", "car", "tree", *SHAPE_CLASSES)
+#: the BLIP tokenizer's words: a few prompt words, the shapes, and every word of the COCO-Stuff names
+#: (spelt spaced or joined), so that a whole-vocabulary COCO caption has about as many tokens as
+#: with BLIP's own BERT tokenizer (most COCO words are one BERT token)
+_COCO = builtin_classes("coco_stuff").names
+WORDS = tuple(dict.fromkeys((
+    "a", "picture", "of", "background", "cat", "dog", "person", "car", "tree", *SHAPE_CLASSES,
+    *(w for name in _COCO for w in re.split(r"[\s-]+", name) if w),
+    *(re.sub(r"[\s-]+", "", name) for name in _COCO),
+)))
+#: BLIP's text position embeddings (512 in the published checkpoints): room for a caption that lists
+#: the whole COCO-Stuff vocabulary, as the official search's does
+TEXT_POSITIONS = 512
 
 
 def save_random_blip(size: str, path: str, seed: int = 0) -> str:
@@ -40,11 +53,11 @@ def save_random_blip(size: str, path: str, seed: int = 0) -> str:
 
     spec = BLIP_SIZES[size]
     (t_layers, t_heads, t_hidden), (v_layers, v_hidden, v_heads) = spec["text"], spec["vision"]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "[DEC]", "[ENC]"]  # BLIP's own last two
     config = BlipConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=t_hidden, num_hidden_layers=t_layers,
                          num_attention_heads=t_heads, intermediate_size=4 * t_hidden,
-                         max_position_embeddings=64, pad_token_id=0),
+                         max_position_embeddings=TEXT_POSITIONS, pad_token_id=0),
         vision_config=dict(hidden_size=v_hidden, num_hidden_layers=v_layers, num_attention_heads=v_heads,
                            intermediate_size=4 * v_hidden, image_size=spec["image"],
                            patch_size=spec["patch"], initializer_range=0.02),
