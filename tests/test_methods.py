@@ -221,3 +221,17 @@ def test_the_shipped_clip_method_study_fits_the_shapes_clip(method, shared_clip)
     for param in spec.search_space:  # every value the sampler can pick runs on this CLIP
         for value in param.choices:
             loaded.check(config_from_params(spec.fixed, {param.name: value}))
+
+
+def test_tune_segment_with_a_clip_method_preset(shapes, tmp_path):
+    from PIL import Image
+
+    dataset, samples = shapes
+    path = tmp_path / "scene.png"
+    Image.fromarray(samples[0].image).save(path)
+    out = tmp_path / "out"
+    names = ",".join(dataset.vocabulary)
+    assert main(["segment", "--preset", "sclip", "--model", SHAPES_CLIP, "--classes", names,
+                 "--out", str(out), "--device", "cpu", "--no-progress", str(path)]) == 0
+    labels = np.asarray(Image.open(out / "scene.png_labels.png"))
+    assert labels.shape[:2] == samples[0].image.shape[:2] and labels.max() <= len(dataset.vocabulary)

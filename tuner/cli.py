@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a SegmenterConfig YAML (from `tune export`)")
     source.add_argument("--preset", metavar="NAME",
-                        help="evaluate a preset instead: official = the authors' settings (README)")
+                        help="evaluate a preset instead: official = the authors' settings, or a CLIP "
+                             "method's name (maskclip, sclip, clearclip, naclip): its published settings")
     ev.add_argument("--model", help="the method's model id or directory, BLIP ITM for pnp_ovss, CLIP for "
                                     "the CLIP methods (overrides the config's)")
     ev.add_argument("--dataset", required=True)
@@ -156,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = seg.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a SegmenterConfig YAML (from `tune export`)")
     source.add_argument("--preset", metavar="NAME",
-                        help="segment with a preset instead: official = the authors' settings (README)")
+                        help="segment with a preset instead: official = the authors' settings, or a CLIP "
+                             "method's name (maskclip, sclip, clearclip, naclip): its published settings")
     seg.add_argument("--model", help="the method's model id or directory, BLIP ITM for pnp_ovss, CLIP for "
                                      "the CLIP methods (overrides the config's)")
     seg.add_argument("--classes", help="comma-separated class names")
