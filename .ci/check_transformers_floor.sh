@@ -51,7 +51,8 @@ PYTHONPATH=$root "$venv/bin/python" tools/check_transformers_floor.py compare "$
 echo "== tests"
 PYTHONPATH=$root "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_segmenter.py tests/test_official.py tests/test_candidates.py tests/test_candidate_file.py \
-    tests/test_objectives.py tests/test_shapes_world.py tests/test_reproduce_paper.py || status=1
+    tests/test_objectives.py tests/test_shapes_world.py tests/test_reproduce_paper.py \
+    tests/test_bridgetower.py || status=1
 [ $status = 0 ] && echo "transformers $version: outputs match and the tests pass" \
     || echo "transformers $version: FAILED (see above)"
 exit $status

@@ -16,7 +16,10 @@ from ._base import (
 )
 
 # name -> "module:Class", imported only when asked for (a config file names its backend)
-BACKENDS: dict[str, str] = {"blip": "segmenter.backends.blip:BlipBackend"}
+BACKENDS: dict[str, str] = {
+    "blip": "segmenter.backends.blip:BlipBackend",
+    "bridgetower": "segmenter.backends.bridgetower:BridgeTowerBackend",
+}
 
 
 def register_backend(name: str, target: str) -> None:
