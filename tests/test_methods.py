@@ -235,3 +235,28 @@ def test_tune_segment_with_a_clip_method_preset(shapes, tmp_path):
                  "--out", str(out), "--device", "cpu", "--no-progress", str(path)]) == 0
     labels = np.asarray(Image.open(out / "scene.png_labels.png"))
     assert labels.shape[:2] == samples[0].image.shape[:2] and labels.max() <= len(dataset.vocabulary)
+
+
+def test_tune_run_pnp_ovss_on_bridgetower_through_the_method_seam(tmp_path, tiny_clip):
+    """pnp_ovss on the BridgeTower backend: `tune run --method pnp_ovss` with a spec naming the backend."""
+    import optuna
+    from test_bridgetower import save_tiny_bridgetower
+
+    model = save_tiny_bridgetower(tmp_path / "bt")
+    spec = {
+        "dataset": "shapes", "dataset_options": {"size": 40},
+        "tuning": {"split": "train", "images": 2, "seed": 0},
+        "objective": "clip_margin", "objective_options": {"clip_model": tiny_clip},
+        "fixed": {"backend": "bridgetower", "model": model, "image_size": 40, "layer": 2, "heads": [0],
+                  "dropout_rounds": 1, "crf": False, "dtype": "float32"},
+        "search_space": {"head": {"type": "int", "low": 0, "high": 1}},
+        "pruner": {"type": "none"}, "trials": 2,
+    }
+    path = tmp_path / "bt.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    storage = f"sqlite:///{tmp_path}/tune.db"
+    assert main(["run", "--method", "pnp_ovss", "--study-file", str(path), "--storage", storage,
+                 "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"]) == 0
+    study = optuna.load_study(study_name="shapes-clip_margin", storage=storage)
+    assert study.user_attrs["models"]["backend"] == "bridgetower"
+    assert len([t for t in study.trials if t.state.is_finished()]) == 2
