@@ -292,6 +292,7 @@ class Segmenter:
         self.config = config or SegmenterConfig()
         self.method = method or load_method(self.config, device=device, dtype=dtype, backend=backend)
         self.method.check(self.config)
+        self.method.grid(self.config.image_size, self.config.image_size, self.config)  # the input fits
         self.backend = self.method.backend  # the ITM model of pnp_ovss; None for the CLIP methods
         self.batch_size = self.method.batch_size(batch_size, self.config)
         self._clip = clip

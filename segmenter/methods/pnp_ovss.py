@@ -22,12 +22,15 @@ class PnpOvss(Method):
             dtype=config.dtype if dtype is None else dtype,
         )
         self.backend.itm_token = config.itm_token
-        self.device, self.dtype = self.backend.device, self.backend.dtype
-        self.model_id, self.revision = self.backend.model_id, self.backend.revision
+        self.device = self.backend.device
+        # the model's identity (MapProvider keys pnp_ovss maps on the backend's own attributes)
+        self.dtype = getattr(self.backend, "dtype", None)
+        self.model_id = getattr(self.backend, "model_id", None)
+        self.revision = getattr(self.backend, "revision", None)
 
     def check(self, config) -> None:
+        """The config's layer and heads exist in the model (the input size: `grid`)."""
         self.backend.check_layer_heads(config.layer, config.heads)
-        self.backend.patch_grid(config.image_size)
 
     def relevance_maps(self, images: Sequence[np.ndarray], class_lists: Sequence[Sequence[str]],
                        config) -> list[np.ndarray]:
