@@ -1,7 +1,9 @@
-"""PnP-OVSS segmenter core: BLIP cross-attention GradCAM, Salience Dropout, post-processing.
+"""Segmenter core: PnP-OVSS (BLIP cross-attention GradCAM, Salience Dropout), the dense CLIP
+methods (segmenter.methods), and the shared post-processing.
 
     from segmenter import Segmenter, SegmenterConfig
     result = Segmenter(SegmenterConfig(model="path/or/hub-id")).segment(image, ["cat", "dog"])
+    result = Segmenter(SegmenterConfig.preset("naclip")).segment(image, ["cat", "dog"])
 """
 
 from .backends import Backend, Prompt, build_prompt, load_backend, register_backend
@@ -9,6 +11,7 @@ from .candidates import candidate_indices, candidate_label_use, select_candidate
 from .clip import ClipScorer
 from .config import SegmenterConfig
 from .images import as_rgb_uint8, read_image
+from .methods import Method, load_method, register_method
 from .pipeline import SegmentationResult, Segmenter, postprocess, prompt_for, salience_dropout
 
 __version__ = "0.1.0"
@@ -16,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "ClipScorer",
+    "Method",
     "Prompt",
     "SegmentationResult",
     "Segmenter",
@@ -25,10 +29,12 @@ __all__ = [
     "candidate_indices",
     "candidate_label_use",
     "load_backend",
+    "load_method",
     "postprocess",
     "prompt_for",
     "read_image",
     "register_backend",
+    "register_method",
     "salience_dropout",
     "select_candidates",
 ]

@@ -63,7 +63,16 @@ OFFICIAL_ALIASES = {
     "voc": {"dining table": "table", "television monitor": "tvmonitor"},
     "voc20": {"dining table": "table", "television monitor": "tvmonitor"},
 }
+#: the methods' own post-processing, which their presets switch to: no blur, no CRF (the
+#: background rule is `prob_thd`, step 5 of a CLIP method)
+CLIP_POSTPROCESS = {"blur_sigma": 0.0, "crf": False}
 PRESETS = {"default": {}, "official": OFFICIAL}
+#: methods whose preset is their name: the published settings of their released code
+#: (segmenter.methods.clip_dense.PUBLISHED), with their own post-processing
+CLIP_METHODS = ("maskclip", "sclip", "clearclip", "naclip")
+#: the CLIP method settings, by their names in `ClipDenseParams`
+CLIP_FIELDS = ("logit_scale", "prob_thd", "slide_crop", "slide_stride", "short_side", "naclip_sigma",
+               "templates")
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,10 @@ class SegmenterConfig:
     cross-attention (the official code's "head 9"), averaged when several are given.
     """
 
-    # 1. Model
+    #: the segmentation method (segmenter.methods.METHODS): "pnp_ovss" (GradCAM of a VLM's ITM
+    #: score, steps 1-10) or a dense CLIP method: "maskclip", "sclip", "clearclip", "naclip"
+    method: str = "pnp_ovss"
+    # 1. Model (pnp_ovss: `backend` and `model`; the CLIP methods: `clip_model`)
     backend: str = "blip"
     model: str = "Salesforce/blip-itm-large-flickr"
     revision: str | None = None
@@ -129,6 +141,18 @@ class SegmenterConfig:
     crf_bilateral_srgb: float = 5.0
     crf_bilateral_compat: float = 10.0
     crf_backend: str = "dense"  # "dense": pydensecrf (faithful); "conv": windowed CRF on the GPU
+    # CLIP methods (maskclip, sclip, clearclip, naclip; segmenter/methods/clip_dense.py): the
+    # checkpoint, then the fields of ClipDenseParams. Their step 5 replaces threshold and
+    # background: softmax over classes of logit_scale x cosine similarity, background where the
+    # top probability is below prob_thd; blur and CRF then apply as for pnp_ovss
+    clip_model: str = "openai/clip-vit-base-patch16"
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    slide_crop: int = 224  # sliding-window side in pixels; 0: the whole image in one pass
+    slide_stride: int = 112
+    short_side: int | None = 336  # the image's shorter side before inference; null: as it is
+    naclip_sigma: float = 5.0  # naclip: Gaussian neighbourhood, in patches
+    templates: str = "imagenet"  # imagenet (80 prompts averaged) | single ("a photo of a {}.")
     # Candidate classes per image (which names the prompt lists)
     candidates: str = "all"
     candidates_topk: int = 5
@@ -181,6 +205,15 @@ class SegmenterConfig:
                      "must be an integer")
             elif kind is not None:
                 need(isinstance(value, kind), f.name, f"must be a {kind.__name__}")
+        from .methods import METHODS
+
+        need(self.method in METHODS, "method", f"is unknown: use one of {', '.join(METHODS)}")
+        need(isinstance(self.clip_model, str) and bool(self.clip_model), "clip_model",
+             "must name a CLIP model id or a local directory")
+        try:
+            self.clip_params()
+        except ValueError as err:
+            raise ValueError(f"SegmenterConfig.{err}") from None
         need(isinstance(self.model, str) and bool(self.model), "model",
              "must name a Hugging Face model id or a local directory")
         need(self.revision is None or isinstance(self.revision, str), "revision",
@@ -246,6 +279,14 @@ class SegmenterConfig:
         """True when the candidate rule reads ground-truth image-level labels (audits only)."""
         return self.candidates == "oracle"
 
+    def clip_params(self):
+        """The CLIP method's hyperparameters (`ClipDenseParams`; variant naclip for pnp_ovss,
+        which reads none of them). Raises ValueError for an invalid field."""
+        from .methods.clip_dense import ClipDenseParams
+
+        variant = self.method if self.method in CLIP_METHODS else "naclip"
+        return ClipDenseParams(variant, **{name: getattr(self, name) for name in CLIP_FIELDS})
+
     @classmethod
     def preset(cls, name: str = "official", dataset: str | None = None, **changes: Any) -> SegmenterConfig:
         """A config starting from preset `name`, with `changes` on top.
@@ -253,11 +294,19 @@ class SegmenterConfig:
         "official" reproduces the authors' code: [ENC] as the ITM token, round 1 counted twice,
         token-level Salience Dropout scores, joined class names (with `dataset`'s official words,
         e.g. VOC `table`, in `prompt_aliases`), float32, `align_corners=True`. "default" is
-        `SegmenterConfig()`. Raises ValueError for an unknown preset or setting.
+        `SegmenterConfig()`. A CLIP method's name ("maskclip", "sclip", "clearclip", "naclip")
+        gives that method with its released code's settings and its own post-processing (no blur,
+        no CRF). Raises ValueError for an unknown preset or setting.
         """
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
-        values: dict[str, Any] = dict(PRESETS[name])
+        if name in CLIP_METHODS:
+            from .methods.clip_dense import PUBLISHED
+
+            values: dict[str, Any] = {"method": name, **CLIP_POSTPROCESS,
+                                      **{f: getattr(PUBLISHED[name], f) for f in CLIP_FIELDS}}
+        elif name in PRESETS:
+            values = dict(PRESETS[name])
+        else:
+            raise ValueError(f"unknown preset {name!r}: use one of {', '.join([*PRESETS, *CLIP_METHODS])}")
         if name == "official" and dataset in OFFICIAL_ALIASES:
             values["prompt_aliases"] = tuple(OFFICIAL_ALIASES[dataset].items())
         values.update(changes)
@@ -304,7 +353,7 @@ class SegmenterConfig:
             raise ValueError(_unknown_message(unknown))
         if preset is not None:
             if not isinstance(preset, str):
-                raise ValueError(f"preset must be a name: one of {', '.join(PRESETS)}")
+                raise ValueError(f"preset must be a name: one of {', '.join([*PRESETS, *CLIP_METHODS])}")
             return cls.preset(preset, dataset, **data)
         return cls(**data)
 

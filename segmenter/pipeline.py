@@ -4,6 +4,11 @@
 4    `salience_dropout` runs rounds of that, dropping the most salient patches between rounds
      (before 1-4, `candidates.py` picks which of the caller's class names the prompt lists)
 5-10 `postprocess`: threshold, upsample, background, blur, dense CRF, argmax
+
+Another method (`SegmenterConfig.method`, segmenter/methods/) replaces steps 1-4 with its own
+maps; the dense CLIP methods' maps are cosine similarities, and their steps 5-7 are the methods'
+own (`similarity_channels`: softmax over classes, background by `prob_thd`); blur, CRF and argmax
+are shared.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .backends import Backend, Prompt, build_prompt, load_backend, resolve_batch_size
+from .backends import Backend, Prompt, build_prompt
 from .candidates import candidate_indices
 from .clip import ClipScorer
 from .config import SegmenterConfig
 from .images import as_rgb_uint8
+from .methods import Method, load_method, maps_kind
+from .methods.clip_dense import class_probabilities
 from .refine import conv_crf, torch_gaussian_blur
 
 log = logging.getLogger("ovss_tune.segmenter")
@@ -132,10 +139,26 @@ def add_background(maps: np.ndarray, rule: str, min_classes: int) -> tuple[np.nd
     return np.concatenate([background, maps]), True
 
 
-def gaussian_blur(
-    channels: np.ndarray, sigma_factor: float, backend: str = "scipy", device=None
+def similarity_channels(
+    maps: np.ndarray, logit_scale: float, prob_thd: float, size: tuple[int, int]
 ) -> np.ndarray:
-    """Step 8: blur every channel with sigma = factor x max(H, W), then min-max per channel."""
+    """Steps 5-7 of a dense CLIP method: cosine similarities [C, gh, gw] -> [1 + C, H, W].
+
+    Bilinear upsampling to `size`, softmax over classes of `logit_scale` x similarity, and a
+    background channel first that is 1 where the top probability is below `prob_thd` (0 never),
+    else 0; normalised to sum 1, argmax then gives the methods' own label map.
+    """
+    probs = class_probabilities(maps, logit_scale, size).numpy()  # [C, H, W]
+    background = (probs.max(axis=0, keepdims=True) < prob_thd).astype(np.float32)
+    channels = np.concatenate([background, probs])
+    return (channels / channels.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+def gaussian_blur(
+    channels: np.ndarray, sigma_factor: float, backend: str = "scipy", device=None, rescale: bool = True
+) -> np.ndarray:
+    """Step 8: blur every channel with sigma = factor x max(H, W), then min-max per channel
+    (`rescale=False`: probabilities stay probabilities, the blur alone)."""
     if sigma_factor > 0:
         sigma = sigma_factor * max(channels.shape[1:])
         if backend == "torch":
@@ -143,6 +166,8 @@ def gaussian_blur(
             channels = torch_gaussian_blur(x, sigma).cpu().numpy()
         else:
             channels = gaussian_filter(channels, sigma=(0, sigma, sigma), mode="nearest")
+    if not rescale:
+        return channels.astype(np.float32)
     lo = channels.min(axis=(1, 2), keepdims=True)
     span = channels.max(axis=(1, 2), keepdims=True) - lo
     # a constant channel (all background, say) keeps its value instead of collapsing to 0
@@ -224,13 +249,18 @@ def postprocess(image: np.ndarray, maps: np.ndarray, config: SegmenterConfig, de
                    "CRF take about a minute per 12 MP image on a CPU); set postprocess_max_side "
                    "(e.g. 1024) in the config to cap it")
     height, width = full
-    channels = upsample(threshold_maps(maps, config.threshold), (height, width),
-                        config.align_corners)  # [C, H, W]
-    channels, has_background = add_background(
-        channels, config.background, config.background_min_classes
-    )
-    channels = gaussian_blur(channels, config.blur_sigma, config.blur_backend, device)
-    probs = softmax(channels)
+    if maps_kind(config.method) == "similarity":  # steps 5-7 of a dense CLIP method
+        channels = similarity_channels(maps, config.logit_scale, config.prob_thd, (height, width))
+        channels = gaussian_blur(channels, config.blur_sigma, config.blur_backend, device, rescale=False)
+        probs, has_background = channels / channels.sum(axis=0, keepdims=True), True
+    else:
+        channels = upsample(threshold_maps(maps, config.threshold), (height, width),
+                            config.align_corners)  # [C, H, W]
+        channels, has_background = add_background(
+            channels, config.background, config.background_min_classes
+        )
+        channels = gaussian_blur(channels, config.blur_sigma, config.blur_backend, device)
+        probs = softmax(channels)
     if config.crf and probs.shape[0] > 1:
         if config.crf_backend == "conv":
             probs = conv_crf(image, probs, config, device)
@@ -242,7 +272,11 @@ def postprocess(image: np.ndarray, maps: np.ndarray, config: SegmenterConfig, de
 
 # --- the public segmenter ---------------------------------------------------------------------------
 class Segmenter:
-    """PnP-OVSS with one `SegmenterConfig`: `Segmenter(config).segment(image, class_names)`."""
+    """A segmentation method with one `SegmenterConfig`: `Segmenter(config).segment(image, class_names)`.
+
+    `config.method` picks the method (PnP-OVSS by default); `backend` (pnp_ovss) or `method` shares
+    an already loaded model.
+    """
 
     def __init__(
         self,
@@ -253,16 +287,14 @@ class Segmenter:
         batch_size: int | str = "auto",
         clip: ClipScorer | None = None,
         dtype: str | torch.dtype | None = None,
+        method: Method | None = None,
     ) -> None:
         self.config = config or SegmenterConfig()
-        self.backend = backend or load_backend(
-            self.config.backend, self.config.model, self.config.revision, device=device,
-            dtype=self.config.dtype if dtype is None else dtype,
-        )
-        self.backend.itm_token = self.config.itm_token
-        self.backend.check_layer_heads(self.config.layer, self.config.heads)
-        self.backend.patch_grid(self.config.image_size)
-        self.batch_size = resolve_batch_size(batch_size, self.backend, self.config.image_size)
+        self.method = method or load_method(self.config, device=device, dtype=dtype, backend=backend)
+        self.method.check(self.config)
+        self.method.grid(self.config.image_size, self.config.image_size, self.config)  # the input fits
+        self.backend = self.method.backend  # the ITM model of pnp_ovss; None for the CLIP methods
+        self.batch_size = self.method.batch_size(batch_size, self.config)
         self._clip = clip
 
     @classmethod
@@ -273,25 +305,24 @@ class Segmenter:
     def relevance_maps(
         self, images: Sequence[np.ndarray], class_lists: Sequence[Sequence[str]]
     ) -> list[np.ndarray]:
-        """Steps 1-4: per image the class relevance maps on the patch grid. # [C, gh, gw]"""
+        """Steps 1-4 (the method's maps): per image one map per class on the patch grid. # [C, gh, gw]"""
         if len(images) != len(class_lists):
             raise ValueError(f"{len(images)} images but {len(class_lists)} class lists")
         out: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             chunk = [as_rgb_uint8(im) for im in images[start : start + self.batch_size]]
-            prompts = [prompt_for(self.config, names)
-                       for names in class_lists[start : start + self.batch_size]]
-            pixels = self.backend.prepare_images(chunk, self.config.image_size)
-            maps = salience_dropout(self.backend, pixels, prompts, self.config)
-            out.extend(m.float().cpu().numpy() for m in maps)
+            out.extend(self.method.relevance_maps(chunk, class_lists[start : start + self.batch_size],
+                                                  self.config))
         return out
 
     @property
     def clip(self) -> ClipScorer:
         """The CLIP model of the `clip_topk` candidate rule, loaded on first use."""
         if self._clip is None:
-            self._clip = ClipScorer(self.config.candidates_model, device=self.backend.device,
-                                    dtype=self.config.dtype)
+            shared = getattr(self.method, "scorer", None)  # the CLIP method's own model, when the same
+            model = self.config.candidates_model
+            self._clip = shared if shared is not None and shared.model_id == model \
+                else ClipScorer(model, device=self.method.device, dtype=self.config.dtype)
         return self._clip
 
     def candidate_indices(
@@ -353,11 +384,11 @@ class Segmenter:
         """Post-process the candidates' maps; index label map and maps by the full class list."""
         candidates = tuple(names[i] for i in chosen)
         if maps is None:  # no candidate: everything is background
-            grid = self.backend.patch_grid(self.config.image_size)
+            grid = self.method.grid(*image.shape[:2], self.config)
             return SegmentationResult(np.zeros(image.shape[:2], dtype=np.int64),
                                       np.zeros((len(names), *grid), dtype=np.float32), names, ())
         # [H, W]: 0 = background, j = candidates[j - 1]
-        labels = postprocess(image, maps, self.config, self.backend.device)
+        labels = postprocess(image, maps, self.config, self.method.device)
         if len(chosen) == len(names):
             return SegmentationResult(labels, maps, names, candidates)
         to_class = np.array([0, *(i + 1 for i in chosen)], dtype=np.int64)

@@ -477,7 +477,7 @@ class _Audit:
 
         config = SegmenterConfig.from_dict(self.attrs["fixed"])
         reeval = self.reevaluator()
-        reeval.backend.check_layer_heads(config.layer, config.heads)  # the fixed settings alone may not fit
+        reeval.method.check(config)  # the fixed settings alone may not fit
         out = reeval.evaluate(config, images)
         summed = out.counts.sum(axis=0)
         result = {"source": "evaluated", "trial": None, "miou": float(S.miou_from_counts(summed)),

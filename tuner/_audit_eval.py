@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from objectives import ScoreInput, confusion_matrix, get_objective, num_label_classes, to_class_ids
-from segmenter import SegmenterConfig, load_backend, postprocess
+from segmenter import SegmenterConfig, postprocess
 from segmenter.images import image_digest
+from segmenter.methods import load_method
 from segmenter.yaml_input import YamlInputError, load_yaml
 
 from ._audit_stats import counts_from_confusion
@@ -26,7 +27,7 @@ from .datasets import Dataset, dataset_class, iter_samples, load_dataset
 from .trial import CandidatePicker, MapProvider, TuningImage, ground_truth_candidates, view_label_maps
 
 #: keys of the study attr "models" that describe the segmenter; the rest are objective options
-_MODEL_KEYS = ("backend", "model", "revision")
+_MODEL_KEYS = ("backend", "model", "revision", "method", "clip_model")
 
 
 @dataclass(frozen=True)
@@ -121,14 +122,13 @@ class Reevaluator:
         self.attrs, self.data_root, self.batch_size = attrs, data_root, batch_size
         self.protocol = protocol  # the evaluation protocol the counts are made under
         self.fixed = SegmenterConfig.from_dict(attrs["fixed"])
-        self.backend = load_backend(self.fixed.backend, self.fixed.model, self.fixed.revision, device=device,
-                                    dtype=self.fixed.dtype)
-        self.backend.itm_token = self.fixed.itm_token
-        self.objective = get_objective(attrs["objective"], device=str(self.backend.device),
+        self.method = load_method(self.fixed, device=device)
+        self.backend = self.method.backend  # the ITM model of pnp_ovss; None for the CLIP methods
+        self.objective = get_objective(attrs["objective"], device=str(self.method.device),
                                        dtype=self.fixed.dtype, backend=self.backend,
                                        **recorded_objective_options(attrs))
         self.cache = MapCache(cache_dir)
-        self.provider = MapProvider(self.backend, self.cache, batch_size)
+        self.provider = MapProvider(self.method, self.cache, batch_size)
         self._datasets: dict[str, Dataset] = {}
         self._pickers: dict[str, Callable[[SegmenterConfig, TuningImage], tuple[str, ...]]] = {}
 
@@ -170,7 +170,8 @@ class Reevaluator:
             clip = getattr(self.objective, "clip", None)
             self._pickers[name] = (ground_truth_candidates(images.dataset.vocabulary) if self.paper
                                    else CandidatePicker(images.dataset.vocabulary, self.backend, clip,
-                                                        images.dataset.vocabulary_synonyms))
+                                                        images.dataset.vocabulary_synonyms,
+                                                        device=self.method.device))
         return self._pickers[name]
 
     def evaluate(self, config: SegmenterConfig, images: ImageSet,
@@ -197,7 +198,7 @@ class Reevaluator:
             items = []
             for im, names, m, seen, truth in zip(batch, cands, maps, seen_views,
                                                  truths[start : start + self.batch_size]):
-                label_map = postprocess(im.sample.image, m, config, self.backend.device)  # [H, W] 0 = bg
+                label_map = postprocess(im.sample.image, m, config, self.method.device)  # [H, W] 0 = bg
                 items.append(ScoreInput(
                     image=im.sample.image, class_names=tuple(names), maps=m, label_map=label_map,
                     threshold=config.threshold, vocabulary=ds.vocabulary,

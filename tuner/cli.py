@@ -72,10 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--objective", help="objective name (see `tune objectives`)")
     run.add_argument("--images", type=positive_int,
                      help="number of tuning images (default: the spec's `tuning.images`)")
-    run.add_argument("--model", help="BLIP ITM model id or directory (overrides the spec's)")
+    run.add_argument("--model", help="the method's model id or directory, BLIP ITM for pnp_ovss, CLIP for "
+                                     "the CLIP methods (overrides the spec's)")
     run.add_argument("--preset", metavar="NAME",
                      help="start the spec's fixed settings from a preset (official = the authors' code); "
                           "the settings the spec writes out still apply")
+    run.add_argument("--method", metavar="NAME",
+                     help="the segmentation method (pnp_ovss, maskclip, sclip, clearclip, naclip): its spec "
+                          "studies/<method>_<dataset>.yaml when one ships (or --study-file's), started from "
+                          "the method's preset (its published settings)")
     run.add_argument("--clip-model", help="CLIP model id or directory for the objective and candidates")
     run.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     run.add_argument("--seed", type=non_negative_int,
@@ -124,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a SegmenterConfig YAML (from `tune export`)")
     source.add_argument("--preset", metavar="NAME",
-                        help="evaluate a preset instead: official = the authors' settings (README)")
-    ev.add_argument("--model", help="BLIP ITM model id or directory (overrides the config's)")
+                        help="evaluate a preset instead: official = the authors' settings, or a CLIP "
+                             "method's name (maskclip, sclip, clearclip, naclip): its published settings")
+    ev.add_argument("--model", help="the method's model id or directory, BLIP ITM for pnp_ovss, CLIP for "
+                                    "the CLIP methods (overrides the config's)")
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--data-root", default=os.environ.get("OVSS_DATA"),
                     help="dataset directory (default: $OVSS_DATA)")
@@ -150,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = seg.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a SegmenterConfig YAML (from `tune export`)")
     source.add_argument("--preset", metavar="NAME",
-                        help="segment with a preset instead: official = the authors' settings (README)")
-    seg.add_argument("--model", help="BLIP ITM model id or directory (overrides the config's)")
+                        help="segment with a preset instead: official = the authors' settings, or a CLIP "
+                             "method's name (maskclip, sclip, clearclip, naclip): its published settings")
+    seg.add_argument("--model", help="the method's model id or directory, BLIP ITM for pnp_ovss, CLIP for "
+                                     "the CLIP methods (overrides the config's)")
     seg.add_argument("--classes", help="comma-separated class names")
     seg.add_argument("--classes-file", help="a file with one class name a line")
     seg.add_argument("--out", required=True, help="output directory")
@@ -240,8 +249,11 @@ def cmd_run(args, console: Console) -> int:
     if args.workers > cpus:
         raise ValueError(f"--workers {args.workers} is more than the {cpus} CPUs here: each worker "
                          f"process holds a copy of the post-processing; use at most {cpus}")
-    spec = load_spec(args.study_file or builtin_spec_path(args.dataset or DEFAULT_DATASET),
-                     preset=args.preset)
+    if args.method:
+        spec = _method_spec(args)
+    else:
+        spec = load_spec(args.study_file or builtin_spec_path(args.dataset or DEFAULT_DATASET),
+                         preset=args.preset)
     if not args.no_cache:
         MapCache(args.cache_dir)  # a cache directory that cannot be written fails now, not in a trial
     if args.dataset and args.study_file:
@@ -257,8 +269,9 @@ def cmd_run(args, console: Console) -> int:
             console.print(f"note: objective {args.objective} takes no {', '.join(dropped)}: {spec.source}'s "
                           f"objective_options for {spec.objective} are left out", highlight=False)
         spec = spec.replace(objective=args.objective, objective_options=kept)
-    if args.model:
-        spec = spec.replace(fixed=spec.fixed.replace(model=args.model))
+    if args.model:  # the method's checkpoint: BLIP's for pnp_ovss, CLIP's for the CLIP methods
+        field = "model" if spec.fixed.method == "pnp_ovss" else "clip_model"
+        spec = spec.replace(fixed=spec.fixed.replace(**{field: args.model}))
     if args.clip_model:  # the candidate rule's CLIP, and the objective's when it takes one
         from objectives import objective_class
 
@@ -293,6 +306,31 @@ def cmd_run(args, console: Console) -> int:
         finally:
             runner.close()
     return 0
+
+
+def _method_spec(args):
+    """The spec of `tune run --method NAME`: --study-file, else studies/<NAME>_<dataset>.yaml when
+    it ships, else studies/<dataset>.yaml; a CLIP method's fixed settings start from its preset."""
+    from segmenter.config import CLIP_METHODS
+    from segmenter.methods import METHODS
+
+    from .spec import builtin_spec_path, load_spec
+
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}: use one of {', '.join(METHODS)}")
+    if args.preset:
+        raise ValueError("--method starts from the method's own preset: give --method or --preset, not both")
+    dataset = args.dataset or DEFAULT_DATASET
+    path = args.study_file
+    if path is None:
+        try:
+            path = builtin_spec_path(f"{args.method}_{dataset}")
+        except ValueError:
+            path = builtin_spec_path(dataset)
+    spec = load_spec(path, preset=args.method if args.method in CLIP_METHODS else None)
+    if spec.fixed.method != args.method:
+        spec = spec.replace(fixed=spec.fixed.replace(method=args.method))
+    return spec
 
 
 def _values_text(trial) -> str:
@@ -484,7 +522,10 @@ def _config_from_args(args, dataset: str | None = None):
         config = SegmenterConfig.from_yaml(Path(args.config), dataset=dataset)
     else:
         config = SegmenterConfig.preset(args.preset, dataset=dataset)
-    return config.replace(model=args.model) if args.model else config
+    if not args.model:
+        return config
+    # the method's checkpoint: BLIP's for pnp_ovss, CLIP's for the CLIP methods
+    return config.replace(**{"model" if config.method == "pnp_ovss" else "clip_model": args.model})
 
 
 def cmd_eval(args, console: Console) -> int:

@@ -116,13 +116,13 @@ def pick_check_ids(split_ids: Sequence[str], tuning_ids: Sequence[str], seed: in
     return [pool[i] for i in sorted(rng.choice(len(pool), size=count, replace=False))]
 
 
-def study_check(study, choice, fixed, backend, prepare: Callable[[], tuple]) -> dict:
+def study_check(study, choice, fixed, method, prepare: Callable[[], tuple]) -> dict:
     """The check of `choice` stored in the study, or one run now and stored.
 
-    `fixed` is the default config, `backend` the loaded model (a default config it cannot run is
-    reported as unavailable), and `prepare()` returns (evaluate, check_ids, optimistic) for the
-    check images; it runs only when a check is needed. The one path of `tune run`, `tune export`
-    and `tune audit`.
+    `fixed` is the default config, `method` the loaded segmentation method (segmenter.methods; a
+    default config it cannot run is reported as unavailable), and `prepare()` returns (evaluate,
+    check_ids, optimistic) for the check images; it runs only when a check is needed. The one
+    path of `tune run`, `tune export` and `tune audit`.
     """
     from segmenter import SegmenterConfig
 
@@ -132,7 +132,7 @@ def study_check(study, choice, fixed, backend, prepare: Callable[[], tuple]) -> 
     if stored and stored.get("trial") == choice.trial.number:
         return stored
     try:
-        backend.check_layer_heads(fixed.layer, fixed.heads)
+        method.check(fixed)
     except ValueError as err:
         record = {"trial": choice.trial.number, "reliably_better": None,
                   "unavailable": f"the default config is not valid here ({err})"}
@@ -176,4 +176,4 @@ def ensure_check(study, choice, *, device: str | None = None, cache_dir: str | N
         return (lambda config: evaluator.evaluate(config, images).objective,
                 [im.sample.id for im in images.images], not ids)
 
-    return study_check(study, choice, SegmenterConfig.from_dict(attrs["fixed"]), evaluator.backend, prepare)
+    return study_check(study, choice, SegmenterConfig.from_dict(attrs["fixed"]), evaluator.method, prepare)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from objectives import confusion_matrix, miou, num_label_classes, to_class_ids
-from segmenter import Backend, SegmenterConfig, load_backend, postprocess
-from segmenter.backends import resolve_batch_size
+from segmenter import Backend, SegmenterConfig, postprocess
 from segmenter.candidate_file import load_candidate_file
 from segmenter.images import image_digest
+from segmenter.methods import load_method
 
 from .cache import MapCache
 from .datasets import PROTOCOLS, Dataset, iter_samples
@@ -70,13 +70,12 @@ def evaluate_config(
     lists = load_candidate_file(config.candidates_file) if config.candidates == "file" else None
     if lists is not None:  # every image has a list of known names, before the model loads
         lists.check(ids, dataset.vocabulary, dataset.vocabulary_synonyms, f"images of {dataset.name}/{split}")
-    backend = backend or load_backend(config.backend, config.model, config.revision, device=device,
-                                      dtype=config.dtype)
-    backend.itm_token = config.itm_token
-    backend.check_layer_heads(config.layer, config.heads)
-    batch_size = resolve_batch_size(batch_size, backend, config.image_size)
-    provider = MapProvider(backend, MapCache(cache_dir), batch_size)
-    picker = CandidatePicker(dataset.vocabulary, backend, synonyms=dataset.vocabulary_synonyms)
+    method = load_method(config, device=device, backend=backend)
+    method.check(config)
+    batch_size = method.batch_size(batch_size, config)
+    provider = MapProvider(method, MapCache(cache_dir), batch_size)
+    picker = CandidatePicker(dataset.vocabulary, method.backend, synonyms=dataset.vocabulary_synonyms,
+                             device=method.device)
     names = {p: dataset.scored_class_names(p) for p in scored}
     confusion = {p: np.zeros((num_label_classes(names[p]),) * 2, dtype=np.int64) for p in scored}
     stream = iter_samples(dataset, split, ids, strict=strict)
@@ -88,7 +87,7 @@ def evaluate_config(
             batch = chunk[start : start + batch_size]
             candidates = [picker(config, im) for im in batch]
             for im, cands, maps in zip(batch, candidates, provider.maps(config, batch, candidates)):
-                label_map = postprocess(im.sample.image, maps, config, backend.device)  # [H, W] 0 = bg
+                label_map = postprocess(im.sample.image, maps, config, method.device)  # [H, W] 0 = bg
                 for p in scored:
                     pred = to_class_ids(label_map, cands, names[p])
                     truth = dataset.scored_labels(p, split, im.sample)

@@ -104,10 +104,12 @@ class StudySpec:
 
     @property
     def study_name(self) -> str:
-        """The spec's `name` ("{objective}" in it becomes the objective's name), else DATASET-OBJECTIVE."""
+        """The spec's `name` ("{objective}" in it becomes the objective's name), else DATASET-OBJECTIVE
+        (DATASET-METHOD-OBJECTIVE for a method other than pnp_ovss)."""
         if self.name:
             return str(self.name).replace("{objective}", self.objective)
-        return f"{self.dataset}-{self.objective}"
+        method = "" if self.fixed.method == "pnp_ovss" else f"{self.fixed.method}-"
+        return f"{self.dataset}-{method}{self.objective}"
 
     # -- trials ----------------------------------------------------------------------------------
     def suggest(self, trial: optuna.Trial) -> SegmenterConfig:

@@ -29,10 +29,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 import segmenter
 from objectives import get_objective
-from segmenter import SegmenterConfig, load_backend
-from segmenter.backends import resolve_batch_size
+from segmenter import SegmenterConfig
 from segmenter.candidate_file import load_candidate_file
 from segmenter.images import image_digest
+from segmenter.methods import load_method
 
 from .cache import MapCache
 from .datasets import Dataset, disjoint_splits, iter_samples, load_dataset
@@ -391,6 +391,21 @@ class RunOptions:
     strict: bool = False  # a corrupt tuning image fails the run instead of being skipped
 
 
+def check_objectives_for_method(spec: StudySpec) -> None:
+    """A one-line ValueError, before any model loads, when a method without an ITM model (a CLIP
+    method) is to be scored by an objective that reads the segmenter's model (itm_match,
+    patch_coherence)."""
+    from objectives._base import objective_class
+
+    if spec.fixed.method == "pnp_ovss":
+        return
+    names = [spec.objective, *(name for name, _ in spec.objectives), spec.tie_break]
+    for name in dict.fromkeys(filter(None, names)):
+        if "segmenter" in getattr(objective_class(name), "models", ()):
+            raise ValueError(f"objective {name} reads the segmenter's ITM model, which method "
+                             f"{spec.fixed.method} has not: use an objective on CLIP (clip_margin, ...)")
+
+
 class StudyRunner:
     """Everything one `tune run` needs, built once: dataset, models, tuning images, runner."""
 
@@ -432,11 +447,11 @@ class StudyRunner:
         self.candidate_file = candidate_file_of(spec)
         if self.candidate_file is not None:  # before any model loads
             self._check_candidate_file()
-        self.backend = load_backend(spec.fixed.backend, spec.fixed.model, spec.fixed.revision,
-                                    device=options.device, dtype=spec.fixed.dtype)
-        self.backend.itm_token = spec.fixed.itm_token
+        check_objectives_for_method(spec)
+        self.method = load_method(spec.fixed, device=options.device)
+        self.backend = self.method.backend  # the ITM model of pnp_ovss; None for the CLIP methods
         self._check_space_against_model()
-        self.objective = get_objective(spec.objective, device=str(self.backend.device),
+        self.objective = get_objective(spec.objective, device=str(self.method.device),
                                        dtype=spec.fixed.dtype, backend=self.backend, **spec.objective_options)
         self.extra_objectives = self._extra_objectives()
         #: the labels the study's objectives read (a part of a combination, another objective of a
@@ -444,8 +459,8 @@ class StudyRunner:
         self.objective_labels = max((o.labels for o in (self.objective, *self.extra_objectives.values())),
                                     key=("none", "image-level", "pixel").index)
         self.cache = MapCache(options.cache_dir)
-        self.batch_size = resolve_batch_size(options.batch_size, self.backend, spec.fixed.image_size)
-        self.provider = MapProvider(self.backend, self.cache, self.batch_size)
+        self.batch_size = self.method.batch_size(options.batch_size, spec.fixed)
+        self.provider = MapProvider(self.method, self.cache, self.batch_size)
         if self.paper:
             check_caption(self.backend, spec.fixed, self.dataset.vocabulary)
         self.images = self._load_images()
@@ -453,7 +468,7 @@ class StudyRunner:
             self.dataset, self.images, self.provider, self.objective,
             ground_truth_candidates(self.dataset.vocabulary) if self.paper else
             CandidatePicker(self.dataset.vocabulary, self.backend, getattr(self.objective, "clip", None),
-                            self.dataset.vocabulary_synonyms),
+                            self.dataset.vocabulary_synonyms, device=self.method.device),
             batch_size=self.batch_size, pool=self._make_pool(options.workers),
             report="instance" if spec.pruner.get("type", "wilcoxon") == "wilcoxon" else "mean",
             extra=self.extra_objectives, caption=self.dataset.vocabulary if self.paper else None,
@@ -508,7 +523,7 @@ class StudyRunner:
 
     def _extra_objectives(self) -> dict:
         """The other objectives of a multi-objective study, and the tie-break objective, by name."""
-        device, out = str(self.backend.device), {}
+        device, out = str(self.method.device), {}
         clip = getattr(self.objective, "clip", None)
         named = list(self.spec.objectives[1:])
         if self.spec.tie_break:
@@ -544,8 +559,17 @@ class StudyRunner:
             self.runner.pool.shutdown(cancel_futures=True)
 
     def _check_space_against_model(self) -> None:
-        """Every layer and head the search space can pick must exist in the model (fail early)."""
+        """Every layer and head the search space can pick must exist in the model (fail early);
+        for another method, every value of the space must suit its model (e.g. windows on its
+        patch grid)."""
         fixed, layers, heads = self.spec.fixed, [self.spec.fixed.layer], list(self.spec.fixed.heads)
+        if self.backend is None:
+            self.method.check(fixed)
+            for param in self.spec.search_space:
+                values = list(param.choices) if param.type == "categorical" else [param.low, param.high]
+                for value in values:
+                    self.method.check(config_from_params(fixed, {param.name: value}))
+            return
         for param in self.spec.search_space:
             values = list(param.choices) if param.type == "categorical" else [param.low, param.high]
             if param.name == "layer":
@@ -605,8 +629,9 @@ class StudyRunner:
                                       else "none", "pixel" if self.dataset.has_labels else "none"}),
             "package_version": segmenter.__version__,
             "models": {
-                "backend": fixed.backend, "model": fixed.model,
-                "revision": fixed.revision or getattr(self.backend.model.config, "_commit_hash", None),
+                **({"backend": fixed.backend, "model": fixed.model,
+                    "revision": fixed.revision or getattr(self.backend.model.config, "_commit_hash", None)}
+                   if self.backend is not None else {"method": fixed.method, "clip_model": fixed.clip_model}),
                 **{k: str(v) for k, v in self.spec.objective_options.items()},
             },
             "objective_options": dict(self.spec.objective_options),
@@ -809,7 +834,7 @@ class StudyRunner:
         None when they name a layer or head the model does not have."""
         attr = "default_outcome"
         try:  # a spec's fixed layer/heads may lie outside the model when the space covers them
-            self.backend.check_layer_heads(self.spec.fixed.layer, self.spec.fixed.heads)
+            self.method.check(self.spec.fixed)
         except ValueError:
             return None
         if attr not in self.study.user_attrs:
@@ -848,7 +873,7 @@ class StudyRunner:
             return (lambda config: runner.evaluate(config).per_image,
                     [im.sample.id for im in images], optimistic)
 
-        return study_check(self.study, choice, self.spec.fixed, self.backend, prepare)
+        return study_check(self.study, choice, self.spec.fixed, self.method, prepare)
 
     def _check_not_surplus(self, trial: optuna.Trial) -> None:
         """Fail a trial that racing workers started beyond `trials` (the lowest numbers win)."""

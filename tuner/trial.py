@@ -17,6 +17,7 @@ import optuna
 from objectives import VIEWS, Objective, ScoreInput, confusion_matrix, miou, num_label_classes, to_class_ids
 from segmenter import Backend, SegmenterConfig, postprocess, prompt_for, salience_dropout
 from segmenter.images import image_digest
+from segmenter.methods import Method
 
 from .cache import MapCache, cache_key
 from .datasets import Dataset, Sample
@@ -56,7 +57,7 @@ def view_label_maps(
         shown = [im.view(view) for im in batch]
         maps = provider.maps(config, shown, candidates, caption)
         for row, im, m in zip(out, shown, maps):
-            label_map = postprocess(im.sample.image, m, config, provider.backend.device)
+            label_map = postprocess(im.sample.image, m, config, provider.device)
             row[view] = np.ascontiguousarray(label_map[:, ::-1])  # hflip is its own inverse
     return out
 
@@ -71,12 +72,26 @@ class TrialOutcome:
 
 
 class MapProvider:
-    """Steps 1-4 for a batch of images, through the map cache."""
+    """Steps 1-4 for a batch of images, through the map cache.
 
-    def __init__(self, backend: Backend, cache: MapCache, batch_size: int = 8) -> None:
-        self.backend, self.cache, self.batch_size = backend, cache, batch_size
-        self.model_runs = 0  # batches sent to the backend
-        self.weights = weights_fingerprint(backend.model_id) if cache.enabled else None
+    `model` is the loaded segmentation model: a pnp_ovss `Backend` (or the `Method` wrapping
+    one), or another `Method` (a dense CLIP method), whose maps are keyed on the method, its
+    map-shaping fields (`Method.map_key`) and its checkpoint.
+    """
+
+    def __init__(self, model: Backend | Method, cache: MapCache, batch_size: int = 8) -> None:
+        self.method = model if isinstance(model, Method) else None
+        self.backend = model.backend if isinstance(model, Method) else model  # None: not pnp_ovss
+        self.cache, self.batch_size = cache, batch_size
+        source = self.backend if self.backend is not None else self.method
+        self.device = source.device
+        self.model_runs = 0  # batches sent to the model
+        self.weights = weights_fingerprint(source.model_id) if cache.enabled else None
+
+    @property
+    def method_name(self) -> str:
+        """The method whose maps this provider makes."""
+        return "pnp_ovss" if self.backend is not None else self.method.name
 
     def _key(self, config: SegmenterConfig, digest: str, candidates: Sequence[str],
              caption: Sequence[str] | None = None) -> str:
@@ -109,6 +124,11 @@ class MapProvider:
         an oracle image showing no class) gets no maps ([0, gh, gw]) and no model pass: it is all
         background.
         """
+        if config.method != self.method_name:
+            raise ValueError(f"the loaded model runs method {self.method_name}, not {config.method}: a study "
+                             "or evaluation runs one method (fix `method` in the spec's fixed settings)")
+        if self.backend is None:
+            return self._method_maps(config, images, candidates)
         keys = [self._key(config, im.digest, c, caption) for im, c in zip(images, candidates)]
         entries: list[np.ndarray | None] = [self.cache.get(k) if len(c) else None
                                             for k, c in zip(keys, candidates)]
@@ -140,6 +160,30 @@ class MapProvider:
                     array = 2.0 * array
             out.append(array.astype(np.float32))
         return out
+
+
+    def _method_maps(self, config: SegmenterConfig, images: Sequence[TuningImage],
+                     candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """`maps` for a method other than pnp_ovss: one map per candidate from the method. A
+        candidate's map does not depend on the other names (the CLIP methods compare each class's
+        text embedding with the patches), so a caption of other names changes nothing."""
+        method = self.method
+        keys = [cache_key(**method.map_key(config), model=method.model_id, weights=self.weights,
+                          dtype=str(method.dtype), image=im.digest, candidates=list(c))
+                for im, c in zip(images, candidates)]
+        entries = [self.cache.get(k) if len(c) else None for k, c in zip(keys, candidates)]
+        missing = [i for i, e in enumerate(entries) if e is None and len(candidates[i])]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            computed = method.relevance_maps([images[i].sample.image for i in chunk],
+                                             [list(candidates[i]) for i in chunk], config)
+            self.model_runs += 1
+            for i, array in zip(chunk, computed):
+                entries[i] = array
+                self.cache.put(keys[i], array)
+        return [np.asarray(e, dtype=np.float32) if e is not None else
+                np.zeros((0, *method.grid(*im.sample.image.shape[:2], config)), dtype=np.float32)
+                for e, im in zip(entries, images)]
 
 
 def caption_rows(caption: Sequence[str], candidates: Sequence[str]) -> list[int]:
@@ -215,9 +259,12 @@ class CandidatePicker:
     `candidates_file` may use.
     """
 
-    def __init__(self, vocabulary: Sequence[str], backend: Backend, clip=None,
-                 synonyms: Sequence[Sequence[str]] | None = None) -> None:
+    def __init__(self, vocabulary: Sequence[str], backend: Backend | None, clip=None,
+                 synonyms: Sequence[Sequence[str]] | None = None, device=None) -> None:
+        """`backend`: the ITM model of itm_threshold (None for a method without one); `device`
+        where a CLIP for clip_topk loads (default: the backend's)."""
         self.vocabulary, self.backend, self.clip = tuple(vocabulary), backend, clip
+        self.device = device if device is not None or backend is None else backend.device
         self.synonyms = None if synonyms is None else tuple(tuple(s) for s in synonyms)
         self._memo: dict[tuple, tuple[str, ...]] = {}
 
@@ -232,7 +279,7 @@ class CandidatePicker:
             if config.candidates == "clip_topk" and self.clip is None:
                 from segmenter.clip import ClipScorer
 
-                self.clip = ClipScorer(config.candidates_model, device=self.backend.device)
+                self.clip = ClipScorer(config.candidates_model, device=self.device)
             self._memo[key] = tuple(select_candidates(
                 config.candidates, image.sample.image, self.vocabulary,
                 image_classes=image.sample.image_classes, backend=self.backend, clip=self.clip,
@@ -278,7 +325,7 @@ class TrialRunner:
         """
         images = [im.sample.image for im in batch]
         if self.pool is None or config.blur_backend == "torch" or config.crf_backend == "conv":
-            device = self.provider.backend.device
+            device = self.provider.device
             done = [postprocess(image, m, config, device) for image, m in zip(images, maps)]
             return lambda: done
         futures = [self.pool.submit(postprocess, image, m, config) for image, m in zip(images, maps)]
