@@ -40,6 +40,12 @@ def test_gpt4o_answers_keep_the_classes_above_70(answer, names):
     assert tool("gpt4o_lists").parse_answer(answer) == names
 
 
+@pytest.mark.parametrize("answer", ["1: aeroplane, 100%", "aeroplane", "I cannot tell."])
+def test_gpt4o_answer_without_a_class_list_is_an_error_not_background(answer):
+    with pytest.raises(ValueError, match="no \\[id: name"):
+        tool("gpt4o_lists").parse_answer(answer)
+
+
 def test_gpt4o_converter_writes_a_candidates_file_and_names_a_bad_answer(tmp_path, capsys):
     lists = tool("gpt4o_lists")
     source = tmp_path / "voc_classification_noboundary.json"
