@@ -180,10 +180,15 @@ def test_the_audit_ledger_says_the_search_read_image_level_labels(tmp_path, tiny
     storage = f"sqlite:///{tmp_path}/tune.db"
     assert main(["run", "--study-file", str(spec), "--storage", storage, "--no-cache", "--device", "cpu",
                  "--no-progress"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    assert "READ image-level labels: not a label-free choice" in printed
+    assert "labels used only to report this)" not in printed
     out = tmp_path / "audit"
     assert main(["audit", "--study", "shapes-clip_margin", "--storage", storage, "--no-cache",
                  "--device", "cpu", "--no-progress", "-o", str(out), "--bootstrap", "20"]) == 0
-    assert "search protocol paper" in capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "search protocol paper" in printed
+    assert "label-free choice" not in printed and "confidence check (no labels)" not in printed
     report = json.loads((out / "audit.json").read_text())
     assert report["consistency"]["reproduced"] is True  # re-evaluated under the study's protocol
     ledger = report["ledger"]

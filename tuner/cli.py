@@ -317,9 +317,12 @@ def _print_best(study, console: Console, runner=None) -> None:
     what = "objectives " + ", ".join(names) if len(best.values) > 1 else "objective"
     line = f"best trial #{best.number}: {what} {_values_text(best)}"
     reads_pixels = study.user_attrs.get("objective_labels") == "pixel"
+    reads_image_labels = best.user_attrs.get("labels_used") == "image-level"  # protocol paper, oracle
     if miou is not None:
-        line += f", mIoU {miou:.4f}" + (" (the objective READ pixel labels: not a label-free choice)"
-                                         if reads_pixels else " (labels used only to report this)")
+        line += f", mIoU {miou:.4f}" + (
+            " (the objective READ pixel labels: not a label-free choice)" if reads_pixels
+            else " (the search READ image-level labels: not a label-free choice; pixel labels only report "
+                 "this)" if reads_image_labels else " (labels used only to report this)")
     console.print(config.to_yaml(), highlight=False, markup=False)
     console.print(line)
     console.print(f"choice: {choice.describe()}", highlight=False)
