@@ -236,3 +236,23 @@ def test_a_standard_spec_keeps_its_definition(tmp_path, tiny_blip, tiny_clip):
 
     spec = load_spec(write_spec(tmp_path, tiny_blip, tiny_clip))
     assert spec.protocol == "standard" and "protocol" not in study_definition(spec)  # old studies resume
+
+
+def test_run_notes_when_the_official_reward_cannot_see_the_searched_post_processing(
+        tmp_path, tiny_blip, tiny_clip, capsys):
+    """`--preset official` switches a CLIP objective to threshold masks; a space that searches blur or
+    CRF then ties configs differing only there, and `tune run` says so before it runs."""
+    space = {"layer": {"type": "int", "low": 1, "high": 2},
+             "crf": {"type": "categorical", "choices": [True, False]}}
+    fixed = {"model": tiny_blip, "image_size": 32, "layer": 2, "heads": [1], "dropout_rounds": 1,
+             "crf_iterations": 2}
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=2, trials=1, space=space, fixed=fixed)
+    storage = f"sqlite:///{tmp_path}/tune.db"
+    run = ["run", "--study-file", str(spec), "--storage", storage, "--no-cache", "--device", "cpu",
+           "--no-progress"]
+    assert main([*run, "--study", "ours"]) == 0
+    assert "threshold masks" not in capsys.readouterr().out  # final masks see the CRF
+    assert main([*run, "--study", "official", "--preset", "official"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "note: clip_margin scores threshold masks (mask_source: threshold), which the searched crf " \
+        "cannot change" in printed
