@@ -306,7 +306,7 @@ class SegmenterConfig:
         elif name in PRESETS:
             values = dict(PRESETS[name])
         else:
-            raise ValueError(f"unknown preset {name!r}: use one of {', '.join([*PRESETS, *CLIP_METHODS])}")
+            raise ValueError(f"unknown preset {name!r}: use one of {', '.join(preset_names())}")
         if name == "official" and dataset in OFFICIAL_ALIASES:
             values["prompt_aliases"] = tuple(OFFICIAL_ALIASES[dataset].items())
         values.update(changes)
@@ -418,3 +418,8 @@ def _load_yaml_text_or_path(text_or_path: str | Path) -> Any:
 def _unknown_message(unknown: set[str]) -> str:
     known = ", ".join(f.name for f in fields(SegmenterConfig))
     return f"unknown SegmenterConfig setting(s): {', '.join(sorted(unknown))} (known: {known})"
+
+
+def preset_names() -> tuple[str, ...]:
+    """Every name `SegmenterConfig.preset` takes: "default", "official" and each CLIP method."""
+    return (*PRESETS, *CLIP_METHODS)

@@ -249,6 +249,11 @@ def test_study_spec_takes_a_preset_and_tune_run_preset_overrides_it(tmp_path, ti
     path.write_text(yaml.safe_dump({**data, "preset": "default"}))
     assert load_spec(path).fixed.itm_token == "cls"
     assert load_spec(path, preset="official").fixed.itm_token == "enc"
+    from tuner.spec import SpecError
+
+    for bad in ("offical", ["official"]):  # the key the user wrote is named, not `fixed`
+        with pytest.raises(SpecError, match=r": preset: unknown preset"):
+            parse_spec({**data, "preset": bad})
 
 
 def test_map_cache_keys_tell_the_official_settings_apart(tiny_blip, tmp_path, rng):

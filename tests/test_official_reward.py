@@ -180,10 +180,15 @@ def test_the_audit_ledger_says_the_search_read_image_level_labels(tmp_path, tiny
     storage = f"sqlite:///{tmp_path}/tune.db"
     assert main(["run", "--study-file", str(spec), "--storage", storage, "--no-cache", "--device", "cpu",
                  "--no-progress"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    assert "READ image-level labels: not a label-free choice" in printed
+    assert "labels used only to report this)" not in printed
     out = tmp_path / "audit"
     assert main(["audit", "--study", "shapes-clip_margin", "--storage", storage, "--no-cache",
                  "--device", "cpu", "--no-progress", "-o", str(out), "--bootstrap", "20"]) == 0
-    assert "search protocol paper" in capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "search protocol paper" in printed
+    assert "label-free choice" not in printed and "confidence check (no labels)" not in printed
     report = json.loads((out / "audit.json").read_text())
     assert report["consistency"]["reproduced"] is True  # re-evaluated under the study's protocol
     ledger = report["ledger"]
@@ -231,3 +236,23 @@ def test_a_standard_spec_keeps_its_definition(tmp_path, tiny_blip, tiny_clip):
 
     spec = load_spec(write_spec(tmp_path, tiny_blip, tiny_clip))
     assert spec.protocol == "standard" and "protocol" not in study_definition(spec)  # old studies resume
+
+
+def test_run_notes_when_the_official_reward_cannot_see_the_searched_post_processing(
+        tmp_path, tiny_blip, tiny_clip, capsys):
+    """`--preset official` switches a CLIP objective to threshold masks; a space that searches blur or
+    CRF then ties configs differing only there, and `tune run` says so before it runs."""
+    space = {"layer": {"type": "int", "low": 1, "high": 2},
+             "crf": {"type": "categorical", "choices": [True, False]}}
+    fixed = {"model": tiny_blip, "image_size": 32, "layer": 2, "heads": [1], "dropout_rounds": 1,
+             "crf_iterations": 2}
+    spec = write_spec(tmp_path, tiny_blip, tiny_clip, images=2, trials=1, space=space, fixed=fixed)
+    storage = f"sqlite:///{tmp_path}/tune.db"
+    run = ["run", "--study-file", str(spec), "--storage", storage, "--no-cache", "--device", "cpu",
+           "--no-progress"]
+    assert main([*run, "--study", "ours"]) == 0
+    assert "threshold masks" not in capsys.readouterr().out  # final masks see the CRF
+    assert main([*run, "--study", "official", "--preset", "official"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "note: clip_margin scores threshold masks (mask_source: threshold), which the searched crf " \
+        "cannot change" in printed

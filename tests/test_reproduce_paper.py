@@ -40,6 +40,12 @@ def test_gpt4o_answers_keep_the_classes_above_70(answer, names):
     assert tool("gpt4o_lists").parse_answer(answer) == names
 
 
+@pytest.mark.parametrize("answer", ["1: aeroplane, 100%", "aeroplane", "I cannot tell."])
+def test_gpt4o_answer_without_a_class_list_is_an_error_not_background(answer):
+    with pytest.raises(ValueError, match="no \\[id: name"):
+        tool("gpt4o_lists").parse_answer(answer)
+
+
 def test_gpt4o_converter_writes_a_candidates_file_and_names_a_bad_answer(tmp_path, capsys):
     lists = tool("gpt4o_lists")
     source = tmp_path / "voc_classification_noboundary.json"
@@ -177,3 +183,34 @@ def test_paper_coco_search_runs_on_a_tiny_coco_layout(tmp_path, tiny_clip, capsy
     study = optuna.load_study(study_name="paper_coco-clip_reward", storage=storage)
     assert study.user_attrs["protocol"] == "paper" and "image-level" in study.user_attrs["labels_touched"]
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) >= 2
+
+
+def test_reproduce_paper_checks_output_and_lists_first_and_keeps_finished_benchmarks(tmp_path, capsys):
+    """-o and every --lists file are checked before the model loads; a benchmark that fails after
+    others finished names itself, and the finished rows are printed and written."""
+    from conftest import save_tiny_blip
+
+    reproduce = tool("reproduce_paper")
+    root = write_data_root(tmp_path / "data")
+    blip = save_tiny_blip(tmp_path / "blip")  # 64 positions: a 100-name caption does not fit
+    voc = ground_truth_lists(root, "voc", tmp_path / "voc.json")
+    base = ["--data-root", str(root), "--model", blip, "--image-size", "32", "--layer", "2", "--heads", "1",
+            "--device", "cpu", "--batch-size", "2", "--no-progress", "--datasets", "voc,ade20k",
+            "--lists", f"voc={voc}"]
+    assert reproduce.main([*base, "-o", str(tmp_path / "missing" / "r.json")]) == 2
+    assert "-o" in capsys.readouterr().err
+    bad = tmp_path / "ade_bad.json"
+    bad.write_text(json.dumps({"ADE_val_00000001": ["wall", "skyy"], "ADE_val_00000002": ["floor"]}))
+    assert reproduce.main([*base, "--lists", f"ade20k={bad}"]) == 2
+    captured = capsys.readouterr()
+    assert "'skyy'" in captured.err and "VOC" not in captured.out  # refused before VOC was evaluated
+    names = [c for c in load_dataset("ade20k", root=str(root)).class_names if c != "background"][:100]
+    long = tmp_path / "ade_long.json"
+    long.write_text(json.dumps({"ADE_val_00000001": names, "ADE_val_00000002": names}))
+    out = tmp_path / "r.json"
+    assert reproduce.main([*base, "--lists", f"ade20k={long}", "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()[-1]  # after transformers' loading bar and the [ENC] note
+    assert error.startswith("error: ADE20K (ade20k): ") and error.endswith(": VOC)")
+    assert "VOC" in captured.out
+    assert [r["dataset"] for r in json.loads(out.read_text())["rows"]] == ["voc"]

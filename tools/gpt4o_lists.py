@@ -28,11 +28,13 @@ def parse_answer(text: str, min_confidence: float = 70.0) -> list[str]:
     """The class names of one GPT-4o answer whose confidence is above `min_confidence`.
 
     ValueError when the text is not `[id: name, ...], [confidence, ...]` with one confidence per
-    class. An empty answer gives [].
+    class (text without a bracketed list included). An empty answer (or `[]`) gives [].
     """
     if not isinstance(text, str):
         raise ValueError(f"expected the answer as text, got {type(text).__name__}")
     groups = re.findall(r"\[([^\[\]]*)\]", text.replace("\n", " "))
+    if not groups and text.strip():  # prose, or a list without brackets: never read as "no class"
+        raise ValueError(f"no [id: name, ...] class list in {text.strip()[:60]!r}")
     if not groups or not groups[0].strip():
         return []
     classes = []

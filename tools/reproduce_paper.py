@@ -119,12 +119,19 @@ def benchmark_config(bench: Benchmark, args: argparse.Namespace, lists: dict[str
     return SegmenterConfig.preset("official", dataset=bench.dataset, **changes)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Evaluate each benchmark, appending its row to `rows` as it finishes (kept on a later error).
+
+    Before the model loads: the layouts, the split, and every `--lists` file against the images it
+    will be asked for. ValueError naming the benchmark for a failure during an evaluation.
+    """
     from rich.console import Console
     from rich.progress import Progress
 
+    from segmenter.candidate_file import load_candidate_file
     from tuner.datasets import load_dataset
     from tuner.evaluate import evaluate_config
+    from tuner.study import pick_tuning_ids
 
     wanted = [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in BY_NAME]
@@ -135,7 +142,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     datasets = {name: load_dataset(name, root=args.data_root) for name in wanted}  # layouts checked first
     for dataset in datasets.values():
         dataset.check_split(args.split)
-    rows, backend = [], None
+    for name, path in lists.items():  # a bad list fails now, not after the benchmarks before it
+        dataset = datasets[name]
+        ids = (pick_tuning_ids(dataset, args.split, args.images, args.seed) if args.images
+               else dataset.ids(args.split))
+        load_candidate_file(path).check(ids, dataset.vocabulary, dataset.vocabulary_synonyms,
+                                        f"images of {name}/{args.split}")
+    backend = None
     console = Console(stderr=True)
     for name in wanted:
         bench, dataset = BY_NAME[name], datasets[name]
@@ -147,11 +160,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                                    device=None if args.device == "auto" else args.device, dtype=config.dtype)
         with Progress(console=console, disable=args.no_progress) as progress:
             task = progress.add_task(f"{bench.label}", total=args.images or len(dataset.ids(args.split)))
-            result = evaluate_config(
-                config, dataset, args.split, images=args.images, seed=args.seed, backend=backend,
-                cache_dir=args.cache_dir, batch_size=args.batch_size, protocol="both",
-                on_image=lambda n, task=task: progress.update(task, completed=n),
-            )
+            try:
+                result = evaluate_config(
+                    config, dataset, args.split, images=args.images, seed=args.seed, backend=backend,
+                    cache_dir=args.cache_dir, batch_size=args.batch_size, protocol="both",
+                    on_image=lambda n, task=task: progress.update(task, completed=n),
+                )
+            except ValueError as err:
+                raise ValueError(f"{bench.label} ({name}): {err}") from None
         rows.append({
             "benchmark": bench.label, "dataset": name, "paper_miou": bench.paper_miou,
             "miou_paper_protocol": 100 * result["paper"]["miou"], "miou_standard": 100 * result["miou"],
@@ -180,16 +196,30 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
                   highlight=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        rows = run(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _write(rows: list[dict], args: argparse.Namespace) -> None:
     print_table(rows, args)
     if args.output:
         Path(args.output).write_text(json.dumps({"rows": rows, "argv": sys.argv[1:]}, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows: list[dict] = []
+    try:
+        if args.output:  # checked before hours of evaluation, not after
+            out = Path(args.output)
+            if out.is_dir() or not out.parent.is_dir():
+                raise ValueError(f"-o {args.output}: give a file in an existing directory")
+        run(args, rows)
+    except (ValueError, OSError) as err:
+        if rows:  # the benchmarks that finished are kept
+            _write(rows, args)
+        done = ", ".join(r["benchmark"] for r in rows)
+        where = "the table above" + (f" and {args.output}" if args.output else "")
+        kept = f" (finished before it, in {where}: {done})"
+        print(f"error: {err}" + (kept if rows else ""), file=sys.stderr)
+        return 2
+    _write(rows, args)
     return 0
 
 

@@ -44,9 +44,11 @@ def headline(report: dict[str, Any]) -> list[str]:
     """The few lines that answer "how far is label-free from labelled tuning"."""
     lines = []
     regret, agreement = report.get("regret", {}), report.get("agreement", {})
+    label_free = (report.get("ledger") or {}).get("choice_is_label_free") is not False
+    chosen = "label-free choice" if label_free else "choice (NOT label-free, see the ledger)"
     if not _unavailable(regret):
         c, o = regret["label_free_choice"], regret["labelled_optimum"]
-        lines.append(f"label-free choice: trial #{c['trial']} (objective {fmt(c['objective'], 4)}), "
+        lines.append(f"{chosen}: trial #{c['trial']} (objective {fmt(c['objective'], 4)}), "
                      f"mIoU {fmt(c['miou'])}, rank {regret['choice_rank_by_miou']} of "
                      f"{agreement.get('trials', '?')} by mIoU")
         lines.append(f"labelled optimum: trial #{o['trial']}, mIoU {fmt(o['miou'])}; regret "
@@ -62,7 +64,8 @@ def headline(report: dict[str, Any]) -> list[str]:
         lines.append(line)
     check = report.get("confidence_check")
     if check:
-        lines.append(f"confidence check (no labels): {check['verdict']}")
+        reads = "no labels" if label_free else "with the labels the search read"
+        lines.append(f"confidence check ({reads}): {check['verdict']}")
     if not _unavailable(agreement) and agreement.get("undefined"):
         lines.append(f"agreement: undefined: {agreement['undefined']}")
     elif not _unavailable(agreement):
@@ -155,7 +158,7 @@ def ledger_lines(ledger: dict[str, Any]) -> list[str]:
         *(["search protocol paper: every caption lists the whole vocabulary, and each tuning image's "
            "ground-truth classes (image-level labels) are its candidates"]
           if ledger.get("search_protocol") == "paper" else []),
-        "label-free choice: " + "; ".join(ledger["choice_label_use"]),
+        "labels the choice read: " + "; ".join(ledger["choice_label_use"]),
         f"pixel labels in the study: {ledger['pixel_labels_in_study']}",
         f"pixel labels in this audit: {ledger['pixel_labels_in_audit']}",
     ]

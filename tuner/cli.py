@@ -282,6 +282,11 @@ def cmd_run(args, console: Console) -> int:
         spec = spec.replace(fixed=spec.fixed.replace(candidates_model=args.clip_model),
                             objective_options={**spec.objective_options,
                                                **({"clip_model": args.clip_model} if takes else {})})
+    blind = _blind_to_threshold_masks(spec)
+    if blind:
+        console.print(f"note: {blind[0]} scores threshold masks (mask_source: threshold), which the searched "
+                      f"{', '.join(blind[1])} cannot change: configs that differ only there score alike "
+                      "(README, Objectives)", highlight=False)
     options = RunOptions(
         storage=args.storage, study_name=args.study, trials=args.trials, images=args.images,
         device=None if args.device == "auto" else args.device, seed=args.seed,
@@ -333,6 +338,20 @@ def _method_spec(args):
     return spec
 
 
+#: settings applied after the class maps are thresholded: threshold masks never see them
+_AFTER_THRESHOLD = ("background", "blur", "crf", "postprocess")
+
+
+def _blind_to_threshold_masks(spec) -> tuple[str, list[str]] | None:
+    """(objective, searched settings it cannot see) when the study's objective scores threshold
+    masks (`mask_source: threshold`, which `preset: official` sets) and the search space varies
+    background, blur, CRF or post-processing settings; else None."""
+    scored = [(spec.objective, spec.objective_options)] if not spec.objectives else list(spec.objectives)
+    threshold = [name for name, options in scored if options.get("mask_source") == "threshold"]
+    searched = [p.name for p in spec.search_space if p.name.startswith(_AFTER_THRESHOLD)]
+    return (", ".join(threshold), searched) if threshold and searched else None
+
+
 def _values_text(trial) -> str:
     return ", ".join(f"{v:.4f}" for v in trial.values) if len(trial.values) > 1 else f"{trial.value:.4f}"
 
@@ -355,9 +374,12 @@ def _print_best(study, console: Console, runner=None) -> None:
     what = "objectives " + ", ".join(names) if len(best.values) > 1 else "objective"
     line = f"best trial #{best.number}: {what} {_values_text(best)}"
     reads_pixels = study.user_attrs.get("objective_labels") == "pixel"
+    reads_image_labels = best.user_attrs.get("labels_used") == "image-level"  # protocol paper, oracle
     if miou is not None:
-        line += f", mIoU {miou:.4f}" + (" (the objective READ pixel labels: not a label-free choice)"
-                                         if reads_pixels else " (labels used only to report this)")
+        line += f", mIoU {miou:.4f}" + (
+            " (the objective READ pixel labels: not a label-free choice)" if reads_pixels
+            else " (the search READ image-level labels: not a label-free choice; pixel labels only report "
+                 "this)" if reads_image_labels else " (labels used only to report this)")
     console.print(config.to_yaml(), highlight=False, markup=False)
     console.print(line)
     console.print(f"choice: {choice.describe()}", highlight=False)

@@ -213,6 +213,10 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
         raise fail("fixed", "must map SegmenterConfig settings to values")
     fixed_data = {"postprocess_max_side": TUNING_POSTPROCESS_MAX_SIDE, **fixed_data}
     if "preset" in data:  # the top-level `preset:` is the fixed settings' starting point
+        from segmenter.config import preset_names
+
+        if not isinstance(data["preset"], str) or data["preset"] not in preset_names():
+            raise fail("preset", f"unknown preset {data['preset']!r}: use one of {', '.join(preset_names())}")
         fixed_data["preset"] = data["preset"]
     try:
         fixed = SegmenterConfig.from_dict(fixed_data, dataset=data["dataset"])
