@@ -433,10 +433,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1, help="COCO-style images searched on (default 1)")
     parser.add_argument("--trials", type=int, default=TRIALS, help=f"distinct configs (default {TRIALS})")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="cpu (default), cuda, auto")
     parser.add_argument("--size", choices=list(BLIP_SIZES),
                         help="model sizes (default: base on CPU, large on CUDA)")
-    parser.add_argument("--image-size", type=int, help="BLIP input side searched at (default 336)")
+    parser.add_argument("--image-size", type=int, help="BLIP input side searched at, a multiple of 16 "
+                        "(default 336)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="study seed: images and sampler")
     parser.add_argument("--reference-pass", choices=REFERENCE_PASSES, default="full",
@@ -448,6 +450,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--profile", metavar="PATH", help="write cProfile statistics of (b) to PATH")
     parser.add_argument("--json", metavar="PATH", help="also write the result to PATH")
     args = parser.parse_args(argv)
+    if args.image_size is not None and (args.image_size < 16 or args.image_size % 16):
+        parser.error(f"--image-size {args.image_size}: give a multiple of the models' 16-pixel patch, "
+                     "e.g. 336")
+    if args.images < 1 or args.trials < 1 or args.threads < 1:
+        parser.error("--images, --trials and --threads must be at least 1")
     if args.images < 1 or args.trials < 1 or args.threads < 1 or args.workers < 0:
         parser.error("--images, --trials and --threads must be >= 1, --workers >= 0")
     torch.set_num_threads(args.threads)

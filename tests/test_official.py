@@ -287,3 +287,12 @@ def test_a_studys_models_follow_the_config_dtype(tmp_path, tiny_blip, tiny_clip)
         assert runner.backend.dtype == torch.bfloat16 and runner.objective.clip.dtype == torch.bfloat16
     finally:
         runner.close()
+
+
+def test_two_classes_with_one_caption_word_are_refused():
+    with pytest.raises(ValueError, match="both be written 'table'"):
+        prompt_for(SegmenterConfig.preset("official", dataset="voc"), ["dining table", "table"])
+    with pytest.raises(ValueError, match="both be written"):
+        prompt_for(SegmenterConfig(prompt_aliases={"cat": "dog"}), ["cat", "dog"])
+    # a repeated name is one class twice, as before
+    assert prompt_for(SegmenterConfig(), ["cat", "cat"]).text == "a picture of cat cat"

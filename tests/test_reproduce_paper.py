@@ -214,3 +214,8 @@ def test_reproduce_paper_checks_output_and_lists_first_and_keeps_finished_benchm
     assert error.startswith("error: ADE20K (ade20k): ") and error.endswith(": VOC)")
     assert "VOC" in captured.out
     assert [r["dataset"] for r in json.loads(out.read_text())["rows"]] == ["voc"]
+
+
+def test_gpt4o_fractions_are_refused_not_read_as_percents():
+    with pytest.raises(ValueError, match="look like fractions"):
+        tool("gpt4o_lists").parse_answer("[1: 'aeroplane', 15: 'person'], [0.9, 0.8]")

@@ -52,6 +52,9 @@ def parse_answer(text: str, min_confidence: float = 70.0) -> list[str]:
             confidences.append(float(number))
         except ValueError:
             raise ValueError(f"cannot read the confidence {item.strip()!r}") from None
+    if confidences and all(c <= 1 for c in confidences) and any(0 < c < 1 for c in confidences):
+        raise ValueError(f"the confidences {groups[1].strip()} look like fractions: the authors' answers "
+                         "give percents (scale them, or pass --min-confidence 0.7)")
     if len(confidences) != len(classes):
         raise ValueError(f"{len(classes)} classes but {len(confidences)} confidences")
     return [name for name, p in zip(classes, confidences) if p > min_confidence]

@@ -46,9 +46,14 @@ def build_prompt(
     empty = [i for i, n in enumerate(names) if not n]
     if empty:
         raise ValueError(f"class name #{empty[0] + 1} is empty: remove it from the class list")
-    text, spans = prefix, []
+    text, spans, seen = prefix, [], {}
     for i, name in enumerate(names):
         word = caption_word(name, spelling, aliases)
+        if word in seen and seen[word] != name:
+            raise ValueError(f"classes {seen[word]!r} and {name!r} would both be written {word!r} in the "
+                             "caption (spelling or prompt_aliases): their maps would be the same; give "
+                             "them different words")
+        seen[word] = name
         if not word:
             raise ValueError(f"class name {name!r} leaves no caption word under the spelling "
                              f"{spelling!r}: rename it or give it a prompt alias")
