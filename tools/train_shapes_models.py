@@ -27,6 +27,11 @@ size as well, never a val/test scene), so everything downstream runs the real-mo
   map on the named object: without it, dScore/dA of these tiny models is negative on the
   object about half the time, GradCAM's clamp erases it, and no head reaches IoU 0.5. The
   other heads get no such loss, so a search over (layer, head) has one good answer to find.
+- BridgeTower (`--only bridgetower`, into OUT/bridgetower; never planted): a tiny
+  `BridgeTowerForImageAndTextRetrieval` (3 uni-modal and 3 cross-modal layers, 8 x 8 px patches:
+  4 x 4 px ones cost 7x the time) with a byte-level BPE RoBERTa tokenizer that spells each shapes
+  word as one piece, trained on BLIP's ITM recipe above through the model's own forward. Its card:
+  `python tools/shapes_model_card.py --bridgetower OUT/bridgetower`.
 - CLIP: contrastive, text = bare class-name lists (a quarter with the "a picture of " prefix),
   images = scenes and single objects cut out on black (what the CLIP reward shows it). A text
   is a positive for every image of the batch that holds all of its classes.
