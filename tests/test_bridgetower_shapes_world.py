@@ -73,3 +73,27 @@ def test_bridgetower_shapes_study_is_named_apart_from_the_blip_one():
     assert load_spec(builtin_spec_path("shapes")).study_name == "shapes-clip_margin"
     assert Path(resolve_model_path(spec.fixed.model), "config.json").is_file()
 
+
+
+def test_bridgetower_shapes_study_runs_exports_and_reevaluates(tmp_path):
+    """The shipped study on the bundled BridgeTower, cut to 3 trials on 4 images: each trial's config
+    is BridgeTower's, and the export re-evaluates on val."""
+    import optuna
+    import yaml
+
+    from tuner.cli import main
+
+    storage, cache = f"sqlite:///{tmp_path}/tune.db", str(tmp_path / "cache")
+    assert main(["run", "--study-file", str(SPEC), "--storage", storage, "--cache-dir", cache,
+                 "--trials", "3", "--images", "4", "--device", "cpu", "--no-progress"]) == 0
+    study = optuna.load_study(study_name="shapes-bridgetower-clip_margin", storage=storage)
+    trials = [t for t in study.trials if t.state.is_finished()]
+    assert len(trials) >= 3 and all(t.user_attrs["config"]["backend"] == "bridgetower" for t in trials)
+    best = tmp_path / "best.yaml"
+    assert main(["export", "--study", "shapes-bridgetower-clip_margin", "--storage", storage, "--cache-dir",
+                 cache, "--force", "-o", str(best)]) == 0
+    assert yaml.safe_load(best.read_text())["backend"] == "bridgetower"
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--config", str(best), "--dataset", "shapes", "--images", "8", "--cache-dir", cache,
+                 "--no-progress", "-o", str(out)]) == 0
+    assert 0.0 < json.loads(out.read_text())["miou"] <= 1.0

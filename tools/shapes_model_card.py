@@ -434,7 +434,9 @@ def collect(worlds: list[Path]) -> str:
         "the CPU's, so retraining on CPU gives a different model of the same recipe); `BLIP train s` is the "
         "run's wall time as recorded, which on a shared machine includes waiting for the CPU. Each world's "
         "section gives the command that retrains it on CPU into /work/worlds/NAME (its CLIP uses the "
-        "default CLIP settings and the world's seed).",
+        "default CLIP settings and the world's seed). The bundled unplanted world also holds a tiny "
+        "BridgeTower ITM (`shapes_models_unplanted/bridgetower/`, its own MODEL_CARD.md; "
+        "`python tools/train_shapes_models.py --only bridgetower --out DIR`).",
         "",
         "| world | planted | device | BLIP train s | ITM | CLIP top-1 | best GradCAM (layer, head) IoU | "
         "median | best raw attention IoU |",
