@@ -257,6 +257,6 @@ def test_tune_run_pnp_ovss_on_bridgetower_through_the_method_seam(tmp_path, tiny
     storage = f"sqlite:///{tmp_path}/tune.db"
     assert main(["run", "--method", "pnp_ovss", "--study-file", str(path), "--storage", storage,
                  "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"]) == 0
-    study = optuna.load_study(study_name="shapes-clip_margin", storage=storage)
+    study = optuna.load_study(study_name="shapes-bridgetower-clip_margin", storage=storage)
     assert study.user_attrs["models"]["backend"] == "bridgetower"
     assert len([t for t in study.trials if t.state.is_finished()]) == 2

@@ -2,6 +2,7 @@
 
     python tools/shapes_model_card.py                    # the bundled planted world
     python tools/shapes_model_card.py --models DIR       # any world: DIR/{blip,clip}, card DIR/MODEL_CARD.md
+    python tools/shapes_model_card.py --bridgetower DIR  # a BridgeTower ITM: ITM accuracy, GradCAM IoU
 
 The card says whether the world is planted (training_settings.json's `blip_cam_layer` > 0: one
 head was trained with the masks to localise) or unplanted, and how to load it.
@@ -129,9 +130,11 @@ def attention_maps(backend: BlipBackend, pixels: torch.Tensor, prompts, layers: 
             for b, p in enumerate(prompts)]
 
 
-def localisation_iou(backend: BlipBackend, scenes, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def localisation_iou(backend: BlipBackend, scenes, batch_size: int = 32,
+                     raw: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Mean IoU over (image, present class) pairs: GradCAM per (layer, head, threshold)
-    [L, H, len(THRESHOLDS)], and raw cross-attention per (layer, head) at THRESHOLD [L, H]."""
+    [L, H, len(THRESHOLDS)], and raw cross-attention per (layer, head) at THRESHOLD [L, H] (BLIP
+    only; zeros with `raw` False)."""
     layers = list(range(1, backend.num_layers + 1))
     total = np.zeros((len(layers), backend.num_heads, len(THRESHOLDS)))
     raw_total = np.zeros((len(layers), backend.num_heads))
@@ -148,12 +151,13 @@ def localisation_iou(backend: BlipBackend, scenes, batch_size: int = 32) -> tupl
         pixels = backend.prepare_images([image for image, _, _ in chunk], size)
         prompts = [build_prompt(PREFIX, [SHAPE_CLASSES[c] for c in present]) for _, _, present in chunk]
         cams = backend.gradcam(pixels, prompts, layers)  # per image [L, H, C, gh, gw]
-        attns = attention_maps(backend, pixels, prompts, layers)
+        attns = attention_maps(backend, pixels, prompts, layers) if raw else [None] * len(chunk)
         for (_, mask, present), cam, attn in zip(chunk, cams, attns):
             truth = np.stack([mask == c + 1 for c in present])  # [C, S, S]
             for t, threshold in enumerate(THRESHOLDS):
                 total[..., t] += ious(cam.cpu().numpy(), truth, threshold)
-            raw_total += ious(attn.cpu().numpy(), truth, THRESHOLD)
+            if raw:
+                raw_total += ious(attn.cpu().numpy(), truth, THRESHOLD)
             count += len(present)
     return total / count, raw_total / count
 
@@ -166,7 +170,8 @@ def folder_size(path: Path) -> int:
 def describe(config: dict) -> str:
     """One line on a saved model's architecture from its config.json."""
     v, t = config["vision_config"], config["text_config"]
-    return (f"ViT {v['num_hidden_layers']} layer(s), hidden {v['hidden_size']}, {v['num_attention_heads']} heads, "  # noqa: E501
+    heads = v.get("num_attention_heads", v["hidden_size"] // 64)  # BridgeTower's ViT: width // 64
+    return (f"ViT {v['num_hidden_layers']} layer(s), hidden {v['hidden_size']}, {heads} head(s), "
             f"patch {v['patch_size']}, {v['image_size']} px; text {t['num_hidden_layers']} layer(s), hidden "
             f"{t['hidden_size']}, {t['num_attention_heads']} heads, vocabulary {t['vocab_size']}")
 
@@ -429,7 +434,9 @@ def collect(worlds: list[Path]) -> str:
         "the CPU's, so retraining on CPU gives a different model of the same recipe); `BLIP train s` is the "
         "run's wall time as recorded, which on a shared machine includes waiting for the CPU. Each world's "
         "section gives the command that retrains it on CPU into /work/worlds/NAME (its CLIP uses the "
-        "default CLIP settings and the world's seed).",
+        "default CLIP settings and the world's seed). The bundled unplanted world also holds a tiny "
+        "BridgeTower ITM (`shapes_models_unplanted/bridgetower/`, its own MODEL_CARD.md; "
+        "`python tools/train_shapes_models.py --only bridgetower --out DIR`).",
         "",
         "| world | planted | device | BLIP train s | ITM | CLIP top-1 | best GradCAM (layer, head) IoU | "
         "median | best raw attention IoU |",
@@ -437,6 +444,63 @@ def collect(worlds: list[Path]) -> str:
         *rows,
         "",
         *sections,
+    ])
+
+
+def bridgetower_card(path: Path, itm: dict, iou: np.ndarray, baseline: float, splits: list[str], seed: int,
+                     images: int, seconds: float) -> str:
+    """MODEL_CARD.md of a shapes-world BridgeTower ITM (`train_shapes_models.py --only bridgetower`)."""
+    info = json.loads((path / "training_settings.json").read_text())
+    s, config = info["settings"], json.loads((path / "config.json").read_text())
+    ranked = iou[..., THRESHOLDS.index(THRESHOLD)]  # [L, H]
+    best = np.unravel_index(int(ranked.argmax()), ranked.shape)
+    from safetensors.numpy import load_file
+
+    params = sum(t.size for t in load_file(str(path / "model.safetensors")).values())
+    package = (REPO / "tuner" / "datasets").resolve()
+    name = (f"pkg://tuner.datasets/{path.resolve().parent.name}/{path.name}" if path.resolve().parent.parent
+            == package else str(path))
+    rows = [f"| {layer + 1} | {head} | " + " | ".join(f"{v:.3f}" for v in iou[layer, head]) + " |"
+            for layer in range(iou.shape[0]) for head in range(iou.shape[1])]
+    return "\n".join([
+        f"# Shapes-world model: tiny BridgeTower ITM ({world_name(path.parent)} world)",
+        "",
+        "**Unplanted**: trained on image-text matching alone; no head got mask supervision. A real "
+        "transformers `BridgeTowerForImageAndTextRetrieval` with a byte-level BPE RoBERTa tokenizer over "
+        f"the shapes words, trained from scratch on procedural scenes of `tuner.datasets.shapes` (64 x 64 "
+        f"px, 8 classes). Load it as `{name}` (a spec's `backend: bridgetower`, `model:` this folder); "
+        "it works offline.",
+        "",
+        "### How it was made",
+        "",
+        f"    {info['command']}",
+        "",
+        f"- seed {s['seed']}; {s['scenes']} train-split scenes, random flips and quarter turns; BLIP's ITM "
+        "recipe (per image one matching caption, all or some present names, and one non-matching, 3/4 "
+        "of them hard: a present name swapped for an absent one, an absent one added, a lone absent name)",
+        f"- {s['bt_steps']} steps of batch {s['bt_batch']} images, AdamW lr {s['bt_lr']}, "
+        f"{info['train_seconds']:.0f} s on {where(info)}; torch {info['torch']}",
+        f"- architecture: {describe(config)}; cross-modal encoder {config['num_hidden_layers']} layers, "
+        f"hidden {config['hidden_size']}, {config['num_attention_heads']} heads; {params / 1e6:.2f} M "
+        f"parameters, {folder_size(path) / 1024**2:.1f} MB on disk",
+        "",
+        f"### Held-out results ({' + '.join(splits)} splits of `ShapesDataset(seed={seed})`, "
+        f"{images} images)",
+        "",
+        f"Written by `python tools/shapes_model_card.py --bridgetower {relative(path)}` ({seconds:.0f} s).",
+        "",
+        f"- ITM accuracy (match probability > 0.5), {itm['pairs']} balanced pairs: **{itm['all']:.1%}** "
+        f"(all present {itm['all present']:.1%}, one present {itm['one present']:.1%}, swap "
+        f"{itm['swap']:.1%}, add absent {itm['add absent']:.1%})",
+        f"- GradCAM localisation (t = {THRESHOLD}): best (layer, head) = **({best[0] + 1}, {best[1]})** with "
+        f"IoU **{ranked[best]:.3f}**; median over layers 1-{ranked.shape[0] - 1}: "
+        f"{np.median(ranked[:-1]):.3f}; baseline (whole image as the mask): {baseline:.3f}. The last "
+        "cross-modal layer's class-token maps are zero (only <s> is read after it).",
+        "",
+        "| layer | head | " + " | ".join(f"IoU t={t}" for t in THRESHOLDS) + " |",
+        "|---:|---:|" + "---:|" * len(THRESHOLDS),
+        *rows,
+        "",
     ])
 
 
@@ -449,7 +513,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--card", type=Path, help="where to write the card (default: MODELS/MODEL_CARD.md)")
     parser.add_argument("--collect", nargs="+", type=Path, metavar="DIR",
                         help="instead: write --card (WORLDS.md) from these worlds' cards, a section each")
+    parser.add_argument("--bridgetower", type=Path, metavar="DIR",
+                        help="instead: a shapes-world BridgeTower ITM's card, DIR/MODEL_CARD.md "
+                             "(ITM accuracy, GradCAM IoU per layer and head)")
     args = parser.parse_args(argv)
+    if args.bridgetower:
+        from segmenter.backends.bridgetower import BridgeTowerBackend
+
+        start = time.time()
+        scenes = held_out(args.seed, args.splits)
+        baseline = float(np.mean([(m == c + 1).mean() for _, m, p in scenes for c in p]))
+        backend = BridgeTowerBackend(str(args.bridgetower), device="cpu", dtype="float32")
+        itm = itm_accuracy(backend, scenes, args.seed)
+        print(f"ITM accuracy {itm['all']:.3f} {itm}", flush=True)
+        iou, _ = localisation_iou(backend, scenes, raw=False)
+        card = bridgetower_card(args.bridgetower, itm, iou, baseline, args.splits, args.seed, len(scenes),
+                                time.time() - start)
+        path = args.card or args.bridgetower / "MODEL_CARD.md"
+        path.write_text(card)
+        print(f"wrote {path}")
+        return
     if args.collect:
         if not args.card:
             parser.error("--collect needs --card, the file to write (e.g. WORLDS.md)")

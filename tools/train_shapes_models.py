@@ -27,6 +27,11 @@ size as well, never a val/test scene), so everything downstream runs the real-mo
   map on the named object: without it, dScore/dA of these tiny models is negative on the
   object about half the time, GradCAM's clamp erases it, and no head reaches IoU 0.5. The
   other heads get no such loss, so a search over (layer, head) has one good answer to find.
+- BridgeTower (`--only bridgetower`, into OUT/bridgetower; never planted): a tiny
+  `BridgeTowerForImageAndTextRetrieval` (3 uni-modal and 3 cross-modal layers, 8 x 8 px patches:
+  4 x 4 px ones cost 7x the time) with a byte-level BPE RoBERTa tokenizer that spells each shapes
+  word as one piece, trained on BLIP's ITM recipe above through the model's own forward. Its card:
+  `python tools/shapes_model_card.py --bridgetower OUT/bridgetower`.
 - CLIP: contrastive, text = bare class-name lists (a quarter with the "a picture of " prefix),
   images = scenes and single objects cut out on black (what the CLIP reward shows it). A text
   is a positive for every image of the batch that holds all of its classes.
@@ -92,6 +97,15 @@ class TrainSettings:
     clip_vision_layers: int = 2
     clip_patch: int = 8
     clip_masked_fraction: float = 0.25
+    # BridgeTower ITM (`--only bridgetower`; never planted): uni-modal towers and cross-modal
+    # encoder of `bt_layers` layers each (the top `bt_layers` feed the cross-modal layers)
+    bt_steps: int = 1800
+    bt_batch: int = 32
+    bt_lr: float = 5e-4
+    bt_layers: int = 3
+    bt_hidden: int = 64  # text tower and cross-modal encoder; the ViT is 64 wide (1 head: width // 64)
+    bt_heads: int = 4
+    bt_patch: int = 8  # 4 px patches cost 7x the time (1.8 s a step on one thread)
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -432,6 +446,105 @@ def train_clip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, l
     return model.eval().cpu(), processor, time.time() - start
 
 
+# --- BridgeTower ------------------------------------------------------------------------------------
+def bridgetower_tokenizer():
+    """A byte-level BPE `RobertaTokenizerFast` whose merges spell each shapes word, with and without
+    the leading space ("Ġcircle", "circle"), as one token; other text falls apart into characters."""
+    import tempfile
+
+    from transformers import RobertaTokenizerFast
+
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "Ġ", *LETTERS]
+    merges: list[tuple[str, str]] = []
+    for word in [*("Ġ" + w for w in WORDS), *WORDS]:
+        current = word[0]
+        for symbol in word[1:]:
+            if (current, symbol) not in merges:
+                merges.append((current, symbol))
+            current += symbol
+            vocab.append(current)
+    vocab = list(dict.fromkeys(vocab))
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(vocab)}))
+        Path(folder, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return RobertaTokenizerFast.from_pretrained(folder, model_max_length=32)
+
+
+def build_bridgetower(settings: TrainSettings):
+    """A randomly initialised tiny `BridgeTowerForImageAndTextRetrieval` and its `BridgeTowerProcessor`."""
+    from transformers import (
+        BridgeTowerConfig,
+        BridgeTowerForImageAndTextRetrieval,
+        BridgeTowerImageProcessor,
+        BridgeTowerProcessor,
+    )
+
+    tokenizer = bridgetower_tokenizer()
+    hidden, layers = settings.bt_hidden, settings.bt_layers
+    config = BridgeTowerConfig(
+        hidden_size=hidden, num_attention_heads=settings.bt_heads, num_hidden_layers=layers,
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=settings.bt_heads, intermediate_size=4 * hidden, max_position_embeddings=40,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        ),
+        # nn.MultiheadAttention of the ViT takes hidden_size // 64 heads: 64 is the smallest width
+        vision_config=dict(hidden_size=64, num_hidden_layers=layers, patch_size=settings.bt_patch,
+                           image_size=IMAGE_SIZE),
+    )
+    model = BridgeTowerForImageAndTextRetrieval(config)
+    image_processor = BridgeTowerImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"shortest_edge": IMAGE_SIZE},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+    return model, BridgeTowerProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def train_bridgetower(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, log,
+                      device: str = "cpu") -> tuple:
+    """ITM from scratch, BLIP's recipe without a planted head: per image one matching and one
+    non-matching caption (3/4 of the negatives hard), through the model's own forward."""
+    torch.manual_seed(settings.seed + 2)
+    rng = np.random.default_rng(settings.seed + 2)
+    gen = torch.Generator().manual_seed(settings.seed + 2)
+    model, processor = build_bridgetower(settings)
+    model.to(device).train()
+    tokenizer = processor.tokenizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.bt_lr, weight_decay=0.05)
+    all_images, all_masks = torch.from_numpy(images), torch.from_numpy(masks)
+    batch, start, recent = settings.bt_batch, time.time(), []
+    for step in range(settings.bt_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, settings.bt_steps, settings.bt_lr)
+        pick = rng.choice(len(images), size=batch, replace=False)
+        x, m = augment(all_images[pick], all_masks[pick], gen)
+        present = present_classes(m.numpy())
+        positives = [positive_caption(p, rng) for p in present]
+        negatives = [
+            hard_negative(p, rng) if rng.random() < 0.75 or set(positives[(b + 1) % batch]) <= set(p)
+            else positives[(b + 1) % batch]
+            for b, p in enumerate(present)
+        ]
+        pixels = normalise(x).to(device)
+        tokens = {k: v.to(device) for k, v in caption_tokens(tokenizer, positives + negatives).items()}
+        logits = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                       pixel_values=torch.cat([pixels, pixels])).logits  # [2B, 2]
+        target = torch.cat([torch.ones(batch), torch.zeros(batch)]).long().to(device)
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        recent.append(((logits.argmax(1) == target).float().mean().item(), loss.item()))
+        if (step + 1) % 100 == 0 or step + 1 == settings.bt_steps:
+            acc, mean_loss = np.mean(recent, axis=0)
+            log(f"step {step + 1}/{settings.bt_steps} loss {mean_loss:.3f} train acc {acc:.3f} "
+                f"({time.time() - start:.0f}s)")
+            recent = []
+    return model.eval().cpu(), processor, time.time() - start
+
+
 # --- main ---------------------------------------------------------------------------------------------
 def save(model, processor, path: Path, settings: TrainSettings, seconds: float, device: str = "cpu") -> None:
     """float32 safetensors + processor files, and the settings that made them."""
@@ -456,7 +569,7 @@ def train_and_save(kind: str, settings: TrainSettings, out: Path, device: str = 
     start = time.time()
     images, masks = training_scenes(settings.seed, settings.scenes)
     log(f"rendered {len(images)} training scenes ({time.time() - start:.0f}s)")
-    train = train_blip if kind == "blip" else train_clip
+    train = {"blip": train_blip, "clip": train_clip, "bridgetower": train_bridgetower}[kind]
     model, processor, _ = train(settings, images, masks, log, device)
     save(model, processor, out / kind, settings, time.time() - start, device)
     log(f"saved {out / kind} ({time.time() - start:.0f}s)")
@@ -466,7 +579,8 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TrainSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="writes OUT/blip and OUT/clip")
-    parser.add_argument("--only", choices=("blip", "clip"), help="train one of the two models")
+    parser.add_argument("--only", choices=("blip", "clip", "bridgetower"),
+                        help="train one model (bridgetower: only this way, into OUT/bridgetower)")
     parser.add_argument("--sequential", action="store_true",
                         help="train one model after the other (default: both at once, a process each)")
     parser.add_argument("--device", default="cpu",

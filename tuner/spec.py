@@ -105,11 +105,14 @@ class StudySpec:
     @property
     def study_name(self) -> str:
         """The spec's `name` ("{objective}" in it becomes the objective's name), else DATASET-OBJECTIVE
-        (DATASET-METHOD-OBJECTIVE for a method other than pnp_ovss)."""
+        (DATASET-METHOD-OBJECTIVE for a method other than pnp_ovss, DATASET-BACKEND-OBJECTIVE for
+        pnp_ovss on a backend other than blip)."""
         if self.name:
             return str(self.name).replace("{objective}", self.objective)
-        method = "" if self.fixed.method == "pnp_ovss" else f"{self.fixed.method}-"
-        return f"{self.dataset}-{method}{self.objective}"
+        if self.fixed.method != "pnp_ovss":
+            return f"{self.dataset}-{self.fixed.method}-{self.objective}"
+        backend = "" if self.fixed.backend == "blip" else f"{self.fixed.backend}-"
+        return f"{self.dataset}-{backend}{self.objective}"
 
     # -- trials ----------------------------------------------------------------------------------
     def suggest(self, trial: optuna.Trial) -> SegmenterConfig:
