@@ -73,6 +73,21 @@ CLIP_METHODS = ("maskclip", "sclip", "clearclip", "naclip")
 #: the CLIP method settings, by their names in `ClipDenseParams`
 CLIP_FIELDS = ("logit_scale", "prob_thd", "slide_crop", "slide_stride", "short_side", "naclip_sigma",
                "templates")
+#: the settings only pnp_ovss reads: its model, GradCAM source, Salience Dropout and its step 5
+#: and 7 (threshold, upsampling, background rule); the CLIP methods never read them
+PNP_OVSS_FIELDS = ("backend", "model", "revision", "itm_token", "layer", "heads", "dropout_schedule",
+                   "dropout_rounds", "dropout_k", "dropout_count_first_twice", "dropout_salience",
+                   "threshold", "align_corners", "background", "background_min_classes")
+
+
+def unread_fields(method: str) -> tuple[str, ...]:
+    """The settings built-in method `method` never reads, so that changing them cannot change its
+    label maps (none are known for a method added with `register_method`)."""
+    if method == "pnp_ovss":
+        return ("clip_model", *CLIP_FIELDS)
+    if method in CLIP_METHODS:
+        return (*PNP_OVSS_FIELDS, *(() if method == "naclip" else ("naclip_sigma",)))
+    return ()
 
 
 @dataclass(frozen=True)

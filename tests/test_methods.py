@@ -201,6 +201,31 @@ def test_a_clip_method_study_exports_reevaluates_and_audits(tmp_path, capsys):
     assert (tmp_path / "audit" / "audit.json").is_file()
 
 
+def test_a_search_over_a_setting_the_method_never_reads_is_refused(tmp_path, capsys):
+    from tuner.spec import SpecError, parse_spec
+
+    def spec(preset, space):
+        fixed = {"preset": preset, "clip_model": SHAPES_CLIP, "candidates": "all"}
+        return {"dataset": "shapes", "objective": "clip_margin", "fixed": fixed, "search_space": space}
+
+    int_range = {"type": "int", "low": 1, "high": 3}
+    for preset, name in (("sclip", "layer"), ("naclip", "head"), ("maskclip", "threshold"),
+                         ("clearclip", "naclip_sigma"), ("default", "logit_scale")):
+        raw = int_range if name in ("layer", "head") else {"type": "categorical", "choices": [1.0, 5.0]}
+        with pytest.raises(SpecError, match=rf"search_space.{name}: method \w+ never reads {name}"):
+            parse_spec(spec(preset, {name: raw, "crf": {"type": "categorical", "choices": [False, True]}}))
+    # what each method reads stays searchable: naclip's sigma, a CLIP method's logit_scale
+    assert parse_spec(spec("naclip", {"naclip_sigma": {"type": "categorical", "choices": [3.0, 5.0]},
+                                      "logit_scale": {"type": "categorical", "choices": [10.0, 40.0]}}))
+    # through tune run --method on a spec written for pnp_ovss: refused before any trial, one line
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(spec("default", {"layer": int_range})))
+    assert main(["run", "--method", "sclip", "--study-file", str(plain), "--storage",
+                 f"sqlite:///{tmp_path}/t.db", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "method sclip never reads layer" in err and len(err.splitlines()) == 1
+
+
 def test_an_objective_on_the_segmenters_itm_model_is_refused_for_a_clip_method(tmp_path, capsys):
     spec = clip_spec(tmp_path, "sclip", preset="sclip", objective="itm_match", objective_options=None)
     assert main(["run", "--study-file", str(spec), "--storage", f"sqlite:///{tmp_path}/t.db",

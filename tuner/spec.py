@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 
 from segmenter import SegmenterConfig
+from segmenter.config import unread_fields
 from segmenter.yaml_input import read_yaml_file
 
 PARAM_TYPES = ("int", "float", "categorical")
@@ -254,6 +255,12 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
     space: list[ParamSpec] = []
     for name, raw in raw_space.items():
         space.append(_parse_param(name, raw, space, set(raw_space), fixed, fail))
+    if "method" not in raw_space:  # a setting the method never reads makes trials that differ in name only
+        unread = unread_fields(fixed.method)
+        for param in space:
+            if ALIASES.get(param.name, param.name) in unread:
+                raise fail(f"search_space.{param.name}", f"method {fixed.method} never reads {param.name}: "
+                           "every value gives the same label maps; remove it or search a setting it reads")
     if not space:
         raise fail("search_space", "is empty: every trial would run the same config; add a parameter "
                    "(or evaluate the fixed config with `tune eval`)")
