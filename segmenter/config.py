@@ -223,6 +223,10 @@ class SegmenterConfig:
         from .methods import METHODS
 
         need(self.method in METHODS, "method", f"is unknown: use one of {', '.join(METHODS)}")
+        from .backends import BACKENDS
+
+        need(self.backend in BACKENDS, "backend", f"is unknown: use one of {', '.join(BACKENDS)} "
+             "(the model pnp_ovss runs on)")
         need(isinstance(self.clip_model, str) and bool(self.clip_model), "clip_model",
              "must name a CLIP model id or a local directory")
         try:

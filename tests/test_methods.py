@@ -107,6 +107,8 @@ def test_a_bad_method_or_clip_field_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"^SegmenterConfig.method='clipseg': is unknown: use one of") as err:
         SegmenterConfig(method="clipseg")
     assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"^SegmenterConfig.backend='BridgeTower': is unknown: use one"):
+        SegmenterConfig(backend="BridgeTower")  # refused where it is read, not when the model loads
     with pytest.raises(ValueError, match="prob_thd 1.5 must be a probability"):
         SegmenterConfig(method="sclip", prob_thd=1.5)
     with pytest.raises(ValueError, match="slide_stride 300 is larger than slide_crop 224"):
@@ -224,6 +226,33 @@ def test_a_search_over_a_setting_the_method_never_reads_is_refused(tmp_path, cap
                  f"sqlite:///{tmp_path}/t.db", "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "method sclip never reads layer" in err and len(err.splitlines()) == 1
+
+
+def test_method_pnp_ovss_takes_a_preset_and_refuses_a_clip_spec_or_a_backend_name(tmp_path, capsys):
+    from argparse import Namespace
+
+    from tuner.cli import _method_spec
+
+    def args(method, preset=None, study_file=None):
+        return Namespace(method=method, preset=preset, dataset=None, study_file=study_file)
+
+    # pnp_ovss has no preset of its own: --preset official applies to the spec it runs
+    spec = _method_spec(args("pnp_ovss", preset="official"))
+    assert spec.fixed.method == "pnp_ovss" and spec.fixed.itm_token == "enc"
+    assert _method_spec(args("pnp_ovss")).fixed.itm_token == "cls"
+    with pytest.raises(ValueError, match="--method sclip starts from its own preset"):
+        _method_spec(args("sclip", preset="official"))
+    # a CLIP method's spec run as pnp_ovss would search logit_scale, which pnp_ovss never reads
+    storage = ["--storage", f"sqlite:///{tmp_path}/t.db", "--device", "cpu", "--no-progress"]
+    from tuner.spec import builtin_spec_path
+
+    clip_spec_file = str(builtin_spec_path("sclip_shapes"))
+    assert main(["run", "--method", "pnp_ovss", "--study-file", clip_spec_file, *storage]) == 2
+    assert "method pnp_ovss never reads logit_scale" in capsys.readouterr().err
+    # a backend given as a method says where a backend goes
+    assert main(["run", "--method", "bridgetower", *storage]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bridgetower is a backend of pnp_ovss" in err and len(err.splitlines()) == 1
 
 
 def test_an_objective_on_the_segmenters_itm_model_is_refused_for_a_clip_method(tmp_path, capsys):

@@ -316,15 +316,21 @@ def cmd_run(args, console: Console) -> int:
 def _method_spec(args):
     """The spec of `tune run --method NAME`: --study-file, else studies/<NAME>_<dataset>.yaml when
     it ships, else studies/<dataset>.yaml; a CLIP method's fixed settings start from its preset."""
+    from segmenter.backends import BACKENDS
     from segmenter.config import CLIP_METHODS
     from segmenter.methods import METHODS
 
-    from .spec import builtin_spec_path, load_spec
+    from .spec import SpecError, builtin_spec_path, load_spec, searched_but_unread, unread_message
 
     if args.method not in METHODS:
-        raise ValueError(f"unknown method {args.method!r}: use one of {', '.join(METHODS)}")
-    if args.preset:
-        raise ValueError("--method starts from the method's own preset: give --method or --preset, not both")
+        hint = ""
+        if args.method in BACKENDS:
+            hint = (f"; {args.method} is a backend of pnp_ovss: give --study-file a spec whose fixed "
+                    f"settings say `backend: {args.method}`")
+        raise ValueError(f"unknown method {args.method!r}: use one of {', '.join(METHODS)}{hint}")
+    if args.preset and args.method in CLIP_METHODS:
+        raise ValueError(f"--method {args.method} starts from its own preset: give --method or --preset, "
+                         "not both")
     dataset = args.dataset or DEFAULT_DATASET
     path = args.study_file
     if path is None:
@@ -332,9 +338,12 @@ def _method_spec(args):
             path = builtin_spec_path(f"{args.method}_{dataset}")
         except ValueError:
             path = builtin_spec_path(dataset)
-    spec = load_spec(path, preset=args.method if args.method in CLIP_METHODS else None)
+    spec = load_spec(path, preset=args.method if args.method in CLIP_METHODS else args.preset)
     if spec.fixed.method != args.method:
         spec = spec.replace(fixed=spec.fixed.replace(method=args.method))
+        unread = searched_but_unread(args.method, spec.search_space)
+        if unread:
+            raise SpecError(f"{path}: search_space.{unread}: {unread_message(args.method, unread)}")
     return spec
 
 

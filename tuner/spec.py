@@ -255,12 +255,9 @@ def parse_spec(data: Any, source: str = "<spec>") -> StudySpec:
     space: list[ParamSpec] = []
     for name, raw in raw_space.items():
         space.append(_parse_param(name, raw, space, set(raw_space), fixed, fail))
-    if "method" not in raw_space:  # a setting the method never reads makes trials that differ in name only
-        unread = unread_fields(fixed.method)
-        for param in space:
-            if ALIASES.get(param.name, param.name) in unread:
-                raise fail(f"search_space.{param.name}", f"method {fixed.method} never reads {param.name}: "
-                           "every value gives the same label maps; remove it or search a setting it reads")
+    unread = searched_but_unread(fixed.method, space)
+    if unread:
+        raise fail(f"search_space.{unread}", unread_message(fixed.method, unread))
     if not space:
         raise fail("search_space", "is empty: every trial would run the same config; add a parameter "
                    "(or evaluate the fixed config with `tune eval`)")
@@ -341,6 +338,20 @@ def _parse_tie_break(raw: Any, fail) -> tuple[str | None, dict[str, Any]]:
             and isinstance(raw.get("options") or {}, dict):
         return raw["name"], dict(raw.get("options") or {})
     raise fail("tie_break", "must name an objective, or be {name: NAME, options: {...}}")
+
+
+def searched_but_unread(method: str, space: tuple[ParamSpec, ...] | list[ParamSpec]) -> str | None:
+    """The first searched setting that `method` never reads (its trials would differ in name
+    only), or None; None too when the method itself is searched."""
+    if any(param.name == "method" for param in space):
+        return None
+    unread = unread_fields(method)
+    return next((param.name for param in space if ALIASES.get(param.name, param.name) in unread), None)
+
+
+def unread_message(method: str, name: str) -> str:
+    return (f"method {method} never reads {name}: every value gives the same label maps; remove it "
+            "or search a setting it reads")
 
 
 def _is_int(value: Any, least: int) -> bool:
