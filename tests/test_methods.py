@@ -12,7 +12,7 @@ import yaml
 
 from segmenter import Segmenter, SegmenterConfig
 from segmenter.config import CLIP_METHODS
-from segmenter.methods import ClipDense, load_method
+from segmenter.methods import ClipDense, Method, load_method
 from tuner.cache import MapCache
 from tuner.cli import main
 from tuner.datasets import load_dataset
@@ -314,3 +314,49 @@ def test_tune_run_pnp_ovss_on_bridgetower_through_the_method_seam(tmp_path, tiny
     study = optuna.load_study(study_name="shapes-bridgetower-clip_margin", storage=storage)
     assert study.user_attrs["models"]["backend"] == "bridgetower"
     assert len([t for t in study.trials if t.state.is_finished()]) == 2
+
+
+class TopHalfMethod(Method):
+    """A method written as README's "How to add a method" says: the first class's map is the
+    image's top half, every other class's is zero."""
+
+    def __init__(self, config, device=None, dtype=None):
+        import torch
+
+        self.name, self.device, self.dtype = config.method, torch.device("cpu"), torch.float32
+        self.model_id, self.revision, self.backend = "top-half", None, None
+
+    def check(self, config):
+        pass
+
+    def grid(self, height, width, config):
+        return height // 8, width // 8
+
+    def relevance_maps(self, images, class_lists, config):
+        maps = []
+        for image, names in zip(images, class_lists):
+            gh, gw = self.grid(*image.shape[:2], config)
+            cams = np.zeros((len(names), gh, gw), np.float32)
+            cams[0, : gh // 2] = 1.0
+            maps.append(cams)
+        return maps
+
+    def map_key(self, config):
+        return {"method": self.name}
+
+
+def test_a_method_added_as_the_readme_says_segments_and_runs_a_study(tmp_path, monkeypatch):
+    from segmenter import methods
+
+    monkeypatch.setitem(methods.METHODS, "top_half", "test_methods:TopHalfMethod")
+    monkeypatch.setitem(methods.MAPS_KIND, "top_half", "relevance")
+    config = SegmenterConfig(method="top_half", blur_sigma=0.0, crf=False)  # background: always
+    labels = Segmenter(config).segment(np.zeros((64, 64, 3), np.uint8), ["circle", "square"]).label_map
+    assert (labels[:28] == 1).all() and (labels[36:] == 0).all()  # bilinear upsampling between
+    spec = {"dataset": "shapes", "tuning": {"split": "train", "images": 2, "seed": 0},
+            "objective": "clip_margin", "objective_options": {"clip_model": SHAPES_CLIP},
+            "fixed": {"method": "top_half", "candidates": "all"}, "pruner": {"type": "none"},
+            "search_space": {"blur_sigma": {"type": "categorical", "choices": [0.0, 0.05]}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", "--study-file", str(tmp_path / "s.yaml"), "--trials", "2", "--storage",
+                 f"sqlite:///{tmp_path}/t.db", "--device", "cpu", "--no-progress"]) == 0

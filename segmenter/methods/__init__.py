@@ -53,6 +53,9 @@ def load_method(config, **kwargs: Any):
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}: registered methods are {', '.join(METHODS)}")
     module, cls = METHODS[config.method].split(":")
+    # a shared model that is not given is not passed: a method written as `Cls(config, device=...,
+    # dtype=...)` (README, "How to add a method") need not take the built-in methods' sharing keywords
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("device", "dtype")}
     return getattr(importlib.import_module(module), cls)(config, **kwargs)
 
 
