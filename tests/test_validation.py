@@ -304,7 +304,7 @@ def test_wrong_or_incomplete_checkpoints_are_refused(checkpoints, tmp_path, caps
 
     with pytest.raises(OSError, match=r"lacks 2 weights the BLIP ITM model needs \(itm_head\.bias"):
         Segmenter(SegmenterConfig(model=checkpoints["headless"], image_size=32, layer=1, heads=(0,)))
-    with pytest.raises(OSError, match="holds a CLIP model .* not the BLIP ITM model"):
+    with pytest.raises(OSError, match=r"CLIP model \(set it as `clip_model` of a CLIP method.* not the BLIP"):
         Segmenter(SegmenterConfig(model=checkpoints["clip"], image_size=32, layer=1, heads=(0,)))
     with pytest.raises(OSError, match="holds a BLIP model .* not the CLIP model"):
         ClipScorer(checkpoints["blip"], device="cpu")

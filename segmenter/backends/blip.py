@@ -85,7 +85,8 @@ def load_error(kind: str, model: str, err: Exception) -> OSError:
 #: model types (config.json `model_type`) and the checkpoints that carry them, for messages
 MODEL_KINDS = {"blip": "a BLIP model (set it as `model`)",
                "bridgetower": "a BridgeTower model (set it as `model` with `backend: bridgetower`)",
-               "clip": "a CLIP model (set it as `candidates_model` or the objective's `clip_model`)"}
+               "clip": "a CLIP model (set it as `clip_model` of a CLIP method such as `method: sclip`, "
+                       "as `candidates_model` or as the objective's `clip_model`)"}
 
 
 def load_pretrained(model_cls, model: str, revision: str | None, *, kind: str, model_type: str,
