@@ -16,11 +16,11 @@ import logging
 import types
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._base import Backend, Prompt, resolve_model_path
+from ._base import Prompt, resolve_model_path
+from ._itm import ItmBackend
 
 ITM_MATCH = 1  # index of the "match" logit of the ITM head
 #: BLIP's encoder token, which BLIP was trained for ITM with (LAVIS puts it first in the caption)
@@ -125,7 +125,7 @@ def load_pretrained(model_cls, model: str, revision: str | None, *, kind: str, m
     return net
 
 
-class BlipBackend(Backend):
+class BlipBackend(ItmBackend):
     """BLIP image-text matching: BERT-style text encoder with cross-attention over ViT patches."""
 
     name = "blip"
@@ -199,38 +199,6 @@ class BlipBackend(Backend):
         ids[:, 0] = first
         return ids
 
-    # -- facts about the model -------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self._layers)
-
-    @property
-    def num_heads(self) -> int:
-        return int(self._layers[0].crossattention.self.num_attention_heads)
-
-    def patch_grid(self, image_size: int) -> tuple[int, int]:
-        if image_size % self._patch:
-            raise ValueError(
-                f"image_size {image_size} is not a multiple of the patch size {self._patch} of "
-                f"{self.model_id}: use e.g. {image_size // self._patch * self._patch or self._patch}"
-            )
-        side = image_size // self._patch
-        return side, side
-
-    # -- step 1: input ---------------------------------------------------------------------------
-    def prepare_images(self, images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
-        """Bicubic resize (antialiased) to image_size^2 and the processor's mean/std."""
-        self.patch_grid(image_size)
-        batch = []
-        for image in images:
-            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-            x = x.permute(2, 0, 1)[None].float() / 255.0  # [1, 3, H, W]
-            x = F.interpolate(x, size=(image_size, image_size), mode="bicubic",
-                              align_corners=False, antialias=True).clamp_(0.0, 1.0)
-            batch.append(x)
-        pixels = (torch.cat(batch) - self._mean) / self._std  # [B, 3, S, S]
-        return pixels.to(self.dtype)
-
     # -- step 3: GradCAM ---------------------------------------------------------------------------
     def gradcam(
         self,
@@ -242,16 +210,8 @@ class BlipBackend(Backend):
         itm_token: str | None = None,
         token_salience: bool = False,
     ) -> list[torch.Tensor]:
-        batch, _, size, _ = pixel_values.shape
-        gh, gw = self.patch_grid(size)
-        for layer in layers:
-            self.check_layer_heads(layer, [])
-        if len(prompts) != batch:
-            raise ValueError(f"{batch} images but {len(prompts)} prompts: give one per image")
-        if dropped is not None:  # Salience Dropout: zero the dropped 16x16 blocks of the input
-            keep = (~dropped.to(self.device)).view(batch, 1, gh, gw).to(pixel_values.dtype)
-            keep = keep.repeat_interleave(self._patch, 2).repeat_interleave(self._patch, 3)
-            pixel_values = pixel_values * keep
+        size = pixel_values.shape[-1]
+        pixel_values, (gh, gw) = self._gradcam_input(pixel_values, prompts, layers, dropped)
         with torch.inference_mode():
             image_embeds = self.model.vision_model(
                 pixel_values=pixel_values.to(self.device, self.dtype),
@@ -372,43 +332,6 @@ class BlipBackend(Backend):
             return torch.zeros(0, device=self.device)
         return torch.cat(out)
 
-    def _tokenize(
-        self, prompts: Sequence[Prompt], token_salience: bool = False
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Token ids for the captions and a [B, C_max, T] matrix averaging each class's pieces.
-
-        `token_salience`: one more row [B, C_max + 1, T], 1 on every class word piece and on the
-        [SEP] of a caption shorter than the batch's longest (the authors' Salience Dropout score).
-        """
-        enc = self.tokenizer(
-            [p.text for p in prompts], padding=True, return_offsets_mapping=True,
-            return_tensors="pt",
-        )
+    def _max_tokens(self) -> int:
         limit = getattr(self.tokenizer, "model_max_length", None) or 512
-        length = enc["input_ids"].shape[1]
-        max_pos = self.model.config.text_config.max_position_embeddings
-        if length > min(limit, max_pos):
-            raise ValueError(
-                f"the prompt has {length} tokens, more than the model's {min(limit, max_pos)}: "
-                "list fewer candidate classes per image"
-            )
-        offsets = enc.pop("offset_mapping")  # [B, T, 2], (0, 0) for special tokens
-        classes = max(len(p.class_names) for p in prompts)
-        weights = torch.zeros(len(prompts), classes + int(token_salience), length)
-        for b, prompt in enumerate(prompts):
-            start, end = offsets[b, :, 0], offsets[b, :, 1]
-            real = (end > start) & enc["attention_mask"][b].bool()
-            for c, (s, e) in enumerate(prompt.spans):
-                inside = real & (start >= s) & (end <= e)
-                if not inside.any():
-                    raise ValueError(
-                        f"class name {prompt.class_names[c]!r} produced no tokens: rename it"
-                    )
-                weights[b, c, inside] = 1.0 / inside.sum()
-                if token_salience:
-                    weights[b, classes, inside] = 1.0
-            real_length = int(enc["attention_mask"][b].sum())
-            if token_salience and real_length < length:  # [SEP] is the caption's last real token
-                weights[b, classes, real_length - 1] = 1.0
-        tokens = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
-        return tokens, weights.to(self.device)
+        return min(int(limit), int(self.model.config.text_config.max_position_embeddings))

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ._base import Backend, Prompt, resolve_model_path
+from ._base import Prompt, resolve_model_path
+from ._itm import ItmBackend
 from .blip import ITM_TOKENS, load_error, load_pretrained, resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "BridgeTower/bridgetower-large-itm-mlm-itc"
@@ -39,7 +38,7 @@ def _nth(modules: torch.nn.Module, k: int) -> torch.nn.Module:
     return modules[k] if isinstance(modules, torch.nn.ModuleList) else modules
 
 
-class BridgeTowerBackend(Backend):
+class BridgeTowerBackend(ItmBackend):
     """BridgeTower image-text matching: GradCAM over its cross-modal text layers' cross-attention.
 
     `layer` is 1-based over the cross-modal encoder's text-stream layers (6 in the released
@@ -106,44 +105,6 @@ class BridgeTowerBackend(Backend):
             raise ValueError("itm_token 'enc' asks for BLIP's [ENC] token, which BridgeTower does not have: "
                              "use itm_token: cls with backend: bridgetower")
         raise ValueError(f"itm_token {value!r} is unknown: use {' or '.join(ITM_TOKENS)}")
-
-    # -- facts about the model -------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self._layers)
-
-    @property
-    def num_heads(self) -> int:
-        return int(self._layers[0].crossattention.self.num_attention_heads)
-
-    def patch_grid(self, image_size: int) -> tuple[int, int]:
-        if image_size % self._patch:
-            raise ValueError(
-                f"image_size {image_size} is not a multiple of the patch size {self._patch} of "
-                f"{self.model_id}: use e.g. {image_size // self._patch * self._patch or self._patch}"
-            )
-        side = image_size // self._patch
-        return side, side
-
-    # -- step 1: input ---------------------------------------------------------------------------
-    def prepare_images(self, images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
-        """Bicubic resize (antialiased) of the whole image to image_size^2 and the processor's
-        mean/std. # [B, 3, S, S]
-
-        BridgeTower's processor resizes the shorter side and centre-crops, which would cut off
-        the image's edges; a square input has no padding, so no pixel mask is needed (the model
-        does not read one either).
-        """
-        self.patch_grid(image_size)
-        batch = []
-        for image in images:
-            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-            x = x.permute(2, 0, 1)[None].float() / 255.0  # [1, 3, H, W]
-            x = F.interpolate(x, size=(image_size, image_size), mode="bicubic",
-                              align_corners=False, antialias=True).clamp_(0.0, 1.0)
-            batch.append(x)
-        pixels = (torch.cat(batch) - self._mean) / self._std  # [B, 3, S, S]
-        return pixels.to(self.dtype)
 
     # -- the two uni-modal towers ------------------------------------------------------------------
     def _vision_tower(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -226,17 +187,8 @@ class BridgeTowerBackend(Backend):
     ) -> list[torch.Tensor]:
         """Per image [len(layers), heads, classes (+1), gh, gw] (`Backend.gradcam`); the attention
         is the text stream's cross-attention from caption tokens to image tokens."""
-        batch, _, size, _ = pixel_values.shape
-        gh, gw = self.patch_grid(size)
-        for layer in layers:
-            self.check_layer_heads(layer, [])
-        if len(prompts) != batch:
-            raise ValueError(f"{batch} images but {len(prompts)} prompts: give one per image")
+        pixel_values, (gh, gw) = self._gradcam_input(pixel_values, prompts, layers, dropped)
         self._check_itm_token(itm_token)
-        if dropped is not None:  # Salience Dropout: zero the dropped patches of the input
-            keep = (~dropped.to(self.device)).view(batch, 1, gh, gw).to(pixel_values.dtype)
-            keep = keep.repeat_interleave(self._patch, 2).repeat_interleave(self._patch, 3)
-            pixel_values = pixel_values.to(self.device) * keep
         tokens, class_weights = self._tokenize(prompts, token_salience)  # [B, C_max (+1), T]
         with torch.inference_mode():
             image = self._image_states(pixel_values)
@@ -337,42 +289,3 @@ class BridgeTowerBackend(Backend):
         positions = int(text_config.max_position_embeddings) - int(text_config.pad_token_id or 0) - 1
         limit = getattr(self.tokenizer, "model_max_length", None) or positions
         return min(int(limit), positions)
-
-    def _tokenize(
-        self, prompts: Sequence[Prompt], token_salience: bool = False
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Token ids for the captions and a [B, C_max, T] matrix averaging each class's pieces.
-
-        A byte-level BPE piece covers the space before its word ("Ġcat"); the characters it
-        spells start after that space. `token_salience`: one more row [B, C_max + 1, T], 1 on
-        every class word piece and on the </s> of a caption shorter than the batch's longest.
-        """
-        texts = [p.text for p in prompts]
-        enc = self.tokenizer(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
-        length = enc["input_ids"].shape[1]
-        if length > self._max_tokens():
-            raise ValueError(
-                f"the prompt has {length} tokens, more than the model's {self._max_tokens()}: "
-                "list fewer candidate classes per image"
-            )
-        offsets = enc.pop("offset_mapping")  # [B, T, 2], (0, 0) for special tokens
-        classes = max(len(p.class_names) for p in prompts)
-        weights = torch.zeros(len(prompts), classes + int(token_salience), length)
-        for b, prompt in enumerate(prompts):
-            starts, ends = offsets[b, :, 0].clone(), offsets[b, :, 1]
-            for t in range(length):  # skip the space a piece carries (tokenizers that keep it)
-                while starts[t] < ends[t] and texts[b][int(starts[t])].isspace():
-                    starts[t] += 1
-            real = (ends > starts) & enc["attention_mask"][b].bool()
-            for c, (s, e) in enumerate(prompt.spans):
-                inside = real & (starts >= s) & (ends <= e)
-                if not inside.any():
-                    raise ValueError(f"class name {prompt.class_names[c]!r} produced no tokens: rename it")
-                weights[b, c, inside] = 1.0 / inside.sum()
-                if token_salience:
-                    weights[b, classes, inside] = 1.0
-            real_length = int(enc["attention_mask"][b].sum())
-            if token_salience and real_length < length:  # </s> is the caption's last real token
-                weights[b, classes, real_length - 1] = 1.0
-        tokens = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
-        return tokens, weights.to(self.device)
