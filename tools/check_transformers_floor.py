@@ -18,7 +18,6 @@ this comparison cannot. `.ci/check_transformers_floor.sh` runs both sides.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -52,27 +51,11 @@ def blip_tokenizer(folder: Path):
 
 
 def clip_tokenizer(folder: Path):
-    """Byte-level BPE over single letters plus the merges that spell each of CLIP_WORDS."""
-    import string
+    """The tests' byte-level BPE CLIP tokenizer (tests/conftest.py) over CLIP_WORDS."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import clip_tokenizer as tests_clip_tokenizer
 
-    from transformers import CLIPTokenizerFast
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in string.ascii_lowercase:
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    merges = []
-    for word in CLIP_WORDS:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        current = symbols[0]
-        for symbol in symbols[1:]:
-            if (current, symbol) not in merges:
-                merges.append((current, symbol))
-            current += symbol
-            vocab.setdefault(current, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return CLIPTokenizerFast.from_pretrained(folder)
+    return tests_clip_tokenizer(CLIP_WORDS)
 
 
 def clip_config(vocab_size: int) -> dict:
