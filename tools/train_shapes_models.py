@@ -176,6 +176,21 @@ def hard_negative(present: list[int], rng: np.random.Generator) -> list[int]:
 
 
 # --- training helpers ----------------------------------------------------------------------------
+def itm_batch(all_images: torch.Tensor, all_masks: torch.Tensor, batch: int, rng, gen):
+    """One ITM training batch: `batch` augmented scenes and masks, a positive caption of each and a
+    negative (a hard one, or another scene's caption that does not fit)."""
+    pick = rng.choice(len(all_images), size=batch, replace=False)
+    x, m = augment(all_images[pick], all_masks[pick], gen)
+    present = present_classes(m.numpy())
+    positives = [positive_caption(p, rng) for p in present]
+    negatives = [
+        hard_negative(p, rng) if rng.random() < 0.75 or set(positives[(b + 1) % batch]) <= set(p)
+        else positives[(b + 1) % batch]
+        for b, p in enumerate(present)
+    ]
+    return x, m, positives, negatives
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     """Linear warm-up, then cosine decay to 2% of the peak."""
     if step < warmup:
@@ -304,15 +319,7 @@ def train_blip(settings: TrainSettings, images: np.ndarray, masks: np.ndarray, l
     for step in range(settings.blip_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings.blip_steps, settings.blip_lr)
-        pick = rng.choice(len(images), size=batch, replace=False)
-        x, m = augment(all_images[pick], all_masks[pick], gen)
-        present = present_classes(m.numpy())
-        positives = [positive_caption(p, rng) for p in present]
-        negatives = [
-            hard_negative(p, rng) if rng.random() < 0.75 or set(positives[(b + 1) % batch]) <= set(p)
-            else positives[(b + 1) % batch]
-            for b, p in enumerate(present)
-        ]
+        x, m, positives, negatives = itm_batch(all_images, all_masks, batch, rng, gen)
         pixels = normalise(x).to(device)
         image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state  # [B, 1+N, D]
         tokens = {k: v.to(device) for k, v in caption_tokens(tokenizer, positives + negatives).items()}
@@ -517,15 +524,7 @@ def train_bridgetower(settings: TrainSettings, images: np.ndarray, masks: np.nda
     for step in range(settings.bt_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings.bt_steps, settings.bt_lr)
-        pick = rng.choice(len(images), size=batch, replace=False)
-        x, m = augment(all_images[pick], all_masks[pick], gen)
-        present = present_classes(m.numpy())
-        positives = [positive_caption(p, rng) for p in present]
-        negatives = [
-            hard_negative(p, rng) if rng.random() < 0.75 or set(positives[(b + 1) % batch]) <= set(p)
-            else positives[(b + 1) % batch]
-            for b, p in enumerate(present)
-        ]
+        x, m, positives, negatives = itm_batch(all_images, all_masks, batch, rng, gen)
         pixels = normalise(x).to(device)
         tokens = {k: v.to(device) for k, v in caption_tokens(tokenizer, positives + negatives).items()}
         logits = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
