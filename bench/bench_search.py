@@ -4,7 +4,7 @@
     python bench/bench_search.py --images 4 --json search.json
     python bench/bench_search.py --device cuda --images 64 --workers 8   # BLIP-large + CLIP-L/14-336
 
-The official search (PnP-OVSS; fidelity.md section 2(e), rows 40-52): layer x head x threshold
+The official search (PnP-OVSS; README, "Reproducing the paper"): layer x head x threshold
 {0.05, ..., 0.45} drawn by a seeded random sampler, 34 trials, Salience Dropout off (one round),
 the official preset ([ENC], joined names, float32), the ground-truth classes of each COCO image;
 the caption lists the whole vocabulary (`protocol: paper`) and the maps of the image's classes

@@ -191,15 +191,15 @@ class Backend(abc.ABC):
         return batch_size_for_memory(free, per_image, cap)
 
     def check_layer_heads(self, layer: int, heads: Sequence[int]) -> None:
-        """Raise a ValueError naming the valid range when `layer` or a head does not exist."""
+        """Raise one ValueError naming the valid ranges when `layer` or a head does not exist
+        (both at once when both are wrong: a preset's published values on a smaller model)."""
+        problems = []
         if not 1 <= layer <= self.num_layers:
-            raise ValueError(
-                f"layer {layer} does not exist in {self.model_id}: valid layers are "
-                f"1..{self.num_layers} (1-based)"
-            )
+            problems.append(f"layer {layer} does not exist in {self.model_id}: valid layers are "
+                            f"1..{self.num_layers} (1-based)")
         bad = [h for h in heads if not 0 <= h < self.num_heads]
         if bad:
-            raise ValueError(
-                f"head {bad[0]} does not exist in {self.model_id}: valid heads are "
-                f"0..{self.num_heads - 1} (0-based)"
-            )
+            problems.append(f"head {bad[0]} does not exist in {self.model_id}: valid heads are "
+                            f"0..{self.num_heads - 1} (0-based)")
+        if problems:
+            raise ValueError("; ".join(problems))
